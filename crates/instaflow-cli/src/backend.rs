@@ -1,0 +1,164 @@
+//! Choosing a burn backend at run time (`--backend auto|cpu|ndarray|wgpu|cuda`).
+
+use anyhow::{Result, bail};
+use burn::backend::wgpu::WgpuDevice;
+use clap::ValueEnum;
+
+/// The backend named on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendChoice {
+    /// CUDA if a driver is present, else wgpu on a real GPU, else cpu.
+    Auto,
+    /// burn's `flex` CPU backend (SIMD + threads): the fastest CPU backend measured here.
+    Cpu,
+    /// burn's `ndarray` CPU backend (for comparison).
+    Ndarray,
+    /// wgpu (WGSL shaders; Vulkan, Metal or DX12 underneath): the code path the browser uses.
+    Wgpu,
+    /// NVIDIA CUDA (driver and NVRTC are loaded at run time).
+    Cuda,
+}
+
+/// A resolved backend and its device.
+#[derive(Debug, Clone)]
+pub enum Selected {
+    /// flex on the CPU.
+    Cpu,
+    /// ndarray on the CPU.
+    Ndarray,
+    /// wgpu on the given adapter.
+    Wgpu(WgpuDevice),
+    /// CUDA device 0.
+    #[cfg(feature = "cuda")]
+    Cuda(burn::backend::cuda::CudaDevice),
+}
+
+impl Selected {
+    /// Short name for reports.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Selected::Cpu => "cpu (flex)",
+            Selected::Ndarray => "cpu (ndarray)",
+            Selected::Wgpu(_) => "wgpu",
+            #[cfg(feature = "cuda")]
+            Selected::Cuda(_) => "cuda",
+        }
+    }
+}
+
+/// Run `$body` with the type alias `$B` bound to the selected backend (wrapped in `Autodiff` when
+/// `autodiff` is given) and `$device` to its device.
+#[macro_export]
+macro_rules! with_backend {
+    (autodiff $sel:expr, $B:ident, $device:ident => $body:expr) => {
+        $crate::with_backend!(@inner $sel, $B, $device, autodiff, $body)
+    };
+    ($sel:expr, $B:ident, $device:ident => $body:expr) => {
+        $crate::with_backend!(@inner $sel, $B, $device, , $body)
+    };
+    (@wrap , $T:ty) => { $T };
+    (@wrap autodiff, $T:ty) => { burn::backend::Autodiff<$T> };
+    (@inner $sel:expr, $B:ident, $device:ident, $($ad:ident)?, $body:expr) => {
+        match $sel {
+            $crate::backend::Selected::Cpu => {
+                type $B = $crate::with_backend!(@wrap $($ad)?, burn::backend::Flex);
+                let $device = Default::default();
+                $body
+            }
+            $crate::backend::Selected::Ndarray => {
+                type $B = $crate::with_backend!(@wrap $($ad)?, burn::backend::NdArray);
+                let $device = burn::backend::ndarray::NdArrayDevice::Cpu;
+                $body
+            }
+            $crate::backend::Selected::Wgpu(d) => {
+                type $B = $crate::with_backend!(@wrap $($ad)?, burn::backend::Wgpu);
+                let $device = d.clone();
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            $crate::backend::Selected::Cuda(d) => {
+                type $B = $crate::with_backend!(@wrap $($ad)?, burn::backend::Cuda);
+                let $device = d.clone();
+                $body
+            }
+        }
+    };
+}
+
+/// Information about the first wgpu adapter, if any: (name, kind, graphics API).
+pub fn wgpu_adapter() -> Option<(String, wgpu::DeviceType, wgpu::Backend)> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapters = futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    // Prefer a real GPU over a software rasteriser when several exist.
+    adapters
+        .iter()
+        .map(|a| a.get_info())
+        .min_by_key(|i| i.device_type == wgpu::DeviceType::Cpu)
+        .map(|i| (i.name, i.device_type, i.backend))
+}
+
+/// Whether the CUDA driver loads and device 0 runs a kernel.
+#[cfg(feature = "cuda")]
+pub fn cuda_works() -> bool {
+    use burn::tensor::Tensor;
+    // The driver is loaded lazily and a missing library panics inside cudarc; probe it quietly.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let ok = std::panic::catch_unwind(|| {
+        let device = burn::backend::cuda::CudaDevice::default();
+        let t = Tensor::<burn::backend::Cuda, 1>::from_floats([1.0, 2.0], &device);
+        t.sum().into_scalar()
+    })
+    .is_ok();
+    std::panic::set_hook(hook);
+    ok
+}
+
+/// Without the `cuda` feature there is no CUDA backend.
+#[cfg(not(feature = "cuda"))]
+pub fn cuda_works() -> bool {
+    false
+}
+
+/// Resolve a choice to a working backend, explaining `auto`'s pick on stderr.
+pub fn resolve(choice: BackendChoice) -> Result<Selected> {
+    match choice {
+        BackendChoice::Cpu => Ok(Selected::Cpu),
+        BackendChoice::Ndarray => Ok(Selected::Ndarray),
+        BackendChoice::Wgpu => match wgpu_adapter() {
+            Some(_) => Ok(Selected::Wgpu(WgpuDevice::DefaultDevice)),
+            None => bail!(
+                "--backend wgpu: no wgpu adapter found (install GPU drivers, or Mesa's \
+                 `mesa-vulkan-drivers` for a software Vulkan device)"
+            ),
+        },
+        BackendChoice::Cuda => {
+            #[cfg(feature = "cuda")]
+            if cuda_works() {
+                return Ok(Selected::Cuda(Default::default()));
+            }
+            bail!(
+                "--backend cuda: no usable CUDA device (the NVIDIA driver and NVRTC must be \
+                 installed{})",
+                if cfg!(feature = "cuda") { "" } else { "; this binary was built without the `cuda` feature" }
+            )
+        }
+        BackendChoice::Auto => {
+            #[cfg(feature = "cuda")]
+            if cuda_works() {
+                eprintln!("backend: cuda (auto: a CUDA device is present)");
+                return Ok(Selected::Cuda(Default::default()));
+            }
+            match wgpu_adapter() {
+                Some((name, kind, api)) if kind != wgpu::DeviceType::Cpu => {
+                    eprintln!("backend: wgpu on {name} ({api:?}) (auto: no CUDA, a GPU adapter is present)");
+                    Ok(Selected::Wgpu(WgpuDevice::DefaultDevice))
+                }
+                _ => {
+                    eprintln!("backend: cpu (flex) (auto: no CUDA device and no hardware GPU adapter)");
+                    Ok(Selected::Cpu)
+                }
+            }
+        }
+    }
+}

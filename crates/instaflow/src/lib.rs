@@ -1,0 +1,32 @@
+//! # instaflow
+//!
+//! InstaFlow (Liu et al., ICLR 2024) on [burn]: text-conditioned rectified flow, *reflow* to
+//! straighten it, and *distillation* into a generator that needs one network evaluation.
+//!
+//! The crate is generic over burn backends and builds natively and for `wasm32`.
+//!
+//! * [`flow`] — the time convention (the only place that converts time).
+//! * [`velocity`] — velocity fields and classifier-free guidance.
+//! * [`solvers`] — Euler, Heun, adaptive RK45, each reporting NFE.
+//! * [`losses`] — rectified-flow / reflow and distillation objectives.
+//! * [`metrics`] — straightness, transport cost, sliced Wasserstein.
+//! * [`noise`] — seeded, backend-independent Gaussian noise.
+//! * [`bench`] — kernel timings for comparing backends.
+//! * [`toy`] — the whole method on a 2-D conditional problem.
+
+pub mod bench;
+pub mod flow;
+pub mod losses;
+pub mod metrics;
+pub mod noise;
+pub mod solvers;
+pub mod toy;
+pub mod velocity;
+
+#[cfg(test)]
+pub(crate) mod test_util;
+
+/// The crate version.
+pub fn version() -> &'static str {
+    env!("CARGO_PKG_VERSION")
+}
