@@ -38,18 +38,18 @@ fn fmt_opt(v: Option<f64>, digits: usize) -> String {
 /// The result table in Markdown.
 pub fn table(rows: &[ToyRow]) -> String {
     let mut s = String::from(
-        "| model | straightness | transport cost | RK45 NFE | ODE SW | 1-step SW | 1-step accuracy |\n\
+        "| model | straightness | transport cost | RK45 NFE | ODE MMD² | 1-step MMD² | 1-step accuracy |\n\
          |---|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         s += &format!(
-            "| {} | {} | {} | {} | {} | {:.3} | {:.1}% |\n",
+            "| {} | {} | {} | {} | {} | {:.4} | {:.1}% |\n",
             r.name,
             fmt_opt(r.paths.map(|p| p.straightness), 4),
             fmt_opt(r.paths.map(|p| p.transport_cost), 3),
             r.rk45_nfe.map_or_else(|| "—".into(), |n| n.to_string()),
-            fmt_opt(r.ode_sw, 3),
-            r.one_step_sw,
+            fmt_opt(r.ode_mmd, 4),
+            r.one_step_mmd,
             100.0 * r.one_step_accuracy,
         );
     }
@@ -66,8 +66,8 @@ fn report_json(report: &ToyReport, cfg: &ToyConfig, backend: &str, seconds: f64)
                 "straightness": r.paths.map(|p| p.straightness),
                 "transport_cost": r.paths.map(|p| p.transport_cost),
                 "rk45_nfe": r.rk45_nfe,
-                "ode_sliced_wasserstein": r.ode_sw,
-                "one_step_sliced_wasserstein": r.one_step_sw,
+                "ode_mmd2": r.ode_mmd,
+                "one_step_mmd2": r.one_step_mmd,
                 "one_step_accuracy": r.one_step_accuracy,
             })
         })
@@ -79,6 +79,7 @@ fn report_json(report: &ToyReport, cfg: &ToyConfig, backend: &str, seconds: f64)
         "seconds": seconds,
         "steps": { "1-RF": cfg.rf_steps, "2-RF": cfg.reflow_steps, "distill": cfg.distill_steps },
         "pairs": cfg.pairs,
+        "noise_floor_mmd2": report.noise_floor_mmd,
         "rows": rows,
     })
 }
@@ -143,10 +144,11 @@ pub fn run(choice: BackendChoice, args: ToyArgs) -> Result<()> {
     }
     let json = report_json(&report, &cfg, selected.name(), seconds);
     let md = format!(
-        "# instaflow toy (seed {}, backend {}, {seconds:.1} s)\n\n{}",
+        "# instaflow toy (seed {}, backend {}, {seconds:.1} s)\n\n{}\nMMD² noise floor: {:.4}\n",
         cfg.seed,
         selected.name(),
-        table(&report.rows)
+        table(&report.rows),
+        report.noise_floor_mmd
     );
     fs::write(args.out.join("report.md"), &md).context("writing report.md")?;
     fs::write(args.out.join("report.json"), serde_json::to_string_pretty(&json)?).context("writing report.json")?;
@@ -156,8 +158,10 @@ pub fn run(choice: BackendChoice, args: ToyArgs) -> Result<()> {
     } else {
         println!("{}", table(&report.rows));
         println!(
-            "straightness: S = E∫‖(Z1−Z0) − v(Z_t,t)‖²dt; SW: sliced Wasserstein distance to the true π1 \
-             (per label); accuracy: one-step samples nearest a mode of the label asked for."
+            "straightness: S = E∫‖(Z1−Z0) − v(Z_t,t)‖²dt (0 = straight paths); MMD²: distance to the true π1 \
+             per label (noise floor, two fresh π1 samples: {:.4}); accuracy: one-step samples nearest a \
+             mode of the label asked for.",
+            report.noise_floor_mmd
         );
         println!("backend {}, {seconds:.1} s. Figures:", selected.name());
         for p in written {

@@ -81,6 +81,37 @@ pub fn sliced_wasserstein(
     (total / projections as f64).sqrt()
 }
 
+/// Unbiased squared maximum mean discrepancy between point sets (rows of `a`, `b` in `R^dim`) with a
+/// sum of Gaussian kernels `exp(−‖x − y‖² / (2σ²))` over `bandwidths`. Unlike transport distances it
+/// is not dominated by small differences in how much mass each mode gets.
+pub fn mmd2(a: &[f32], b: &[f32], dim: usize, bandwidths: &[f64]) -> f64 {
+    let rows = |v: &[f32]| -> Vec<Vec<f64>> {
+        v.chunks(dim).map(|r| r.iter().map(|&x| x as f64).collect()).collect()
+    };
+    let (a, b) = (rows(a), rows(b));
+    assert!(a.len() > 1 && b.len() > 1, "MMD needs at least two points per set");
+    let k = |x: &[f64], y: &[f64]| {
+        let d2: f64 = x.iter().zip(y).map(|(p, q)| (p - q).powi(2)).sum();
+        bandwidths.iter().map(|s| (-d2 / (2.0 * s * s)).exp()).sum::<f64>()
+    };
+    let within = |s: &[Vec<f64>]| {
+        let mut total = 0.0;
+        for i in 0..s.len() {
+            for j in (i + 1)..s.len() {
+                total += k(&s[i], &s[j]);
+            }
+        }
+        2.0 * total / (s.len() * (s.len() - 1)) as f64
+    };
+    let mut cross = 0.0;
+    for x in &a {
+        for y in &b {
+            cross += k(x, y);
+        }
+    }
+    within(&a) + within(&b) - 2.0 * cross / (a.len() * b.len()) as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,6 +135,18 @@ mod tests {
         let field = |x: Tensor<TB, 2>, t: f64| x.zeros_like() + 2.0 * t;
         let s = path_stats(&field, z0, 1000);
         assert!((s.straightness - 1.0 / 3.0).abs() < 2e-3, "{}", s.straightness);
+    }
+
+    #[test]
+    fn mmd_separates_shifted_sets() {
+        let mut rng = crate::noise::rng(4);
+        let a = crate::noise::standard_normal(&mut rng, 2 * 300);
+        let b = crate::noise::standard_normal(&mut rng, 2 * 300);
+        let shifted: Vec<f32> = b.iter().map(|x| x + 1.0).collect();
+        let same = mmd2(&a, &b, 2, &[0.5, 1.0]);
+        let far = mmd2(&a, &shifted, 2, &[0.5, 1.0]);
+        assert!(same.abs() < 0.01, "same distribution: {same}");
+        assert!(far > 0.1, "shifted by (1,1): {far}");
     }
 
     #[test]

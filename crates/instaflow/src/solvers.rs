@@ -293,7 +293,7 @@ mod tests {
     use super::*;
     use crate::test_util::{TB, device, to_vec};
 
-    /// dx/dt = −x·(1 + t)... kept simple: dx/dt = λ·x + cos(t), solved in closed form.
+    /// Closed-form solution of the test ODE.
     fn exact(x0: f64, t: f64) -> f64 {
         // dx/dt = −x + cos t  ⇒  x = (x0 − 1/2)e^{−t} + (cos t + sin t)/2
         (x0 - 0.5) * (-t).exp() + (t.cos() + t.sin()) / 2.0
@@ -373,7 +373,10 @@ mod tests {
         let x0 = Tensor::<TB, 2>::from_floats([[0.5, -2.0]], &dev);
         let straight = |x: Tensor<TB, 2>, _t: f64| x.zeros_like() + 2.0;
         let sol = rk45(&straight, x0, 0.0, 1.0, Rk45Options::default(), false);
-        assert!(sol.nfe <= 14, "a straight field needs ~one step, got NFE {}", sol.nfe);
-        assert_eq!(to_vec(sol.x), vec![2.5, 0.0]);
+        // Two evaluations choose the first step (h ≈ 0.04 here); zero error estimates then let the
+        // step grow tenfold, so three steps of six evaluations reach t = 1.
+        assert!(sol.nfe <= 20, "a straight field needs ~three steps, got NFE {}", sol.nfe);
+        let x = to_vec(sol.x);
+        assert!((x[0] - 2.5).abs() < 1e-6 && x[1].abs() < 1e-6, "{x:?}");
     }
 }

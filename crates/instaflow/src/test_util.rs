@@ -6,7 +6,7 @@ use burn::tensor::{Tensor, backend::Backend};
 pub type TB = burn::backend::Flex;
 
 /// Its device.
-pub fn device() -> <TB as Backend>::Device {
+pub fn device() -> burn::backend::flex::FlexDevice {
     Default::default()
 }
 

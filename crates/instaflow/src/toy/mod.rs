@@ -15,7 +15,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::losses::{TimeSampler, distillation_loss, rectified_flow_loss};
-use crate::metrics::{PathStats, path_stats, sliced_wasserstein};
+use crate::metrics::{PathStats, mmd2, path_stats};
 use crate::noise;
 use crate::solvers::{Rk45Options, Solver};
 use crate::velocity::Guided;
@@ -74,8 +74,8 @@ impl Default for ToyConfig {
             label_dropout: 0.1,
             guidance: 1.0,
             rk45: Rk45Options {
-                rtol: 1e-4,
-                atol: 1e-4,
+                rtol: 1e-5,
+                atol: 1e-5,
                 max_steps: 1000,
             },
             eval_samples: 2000,
@@ -143,10 +143,10 @@ pub struct ToyRow {
     pub paths: Option<PathStats>,
     /// NFE of RK45 at the experiment's tolerance (not defined for one-step students).
     pub rk45_nfe: Option<usize>,
-    /// Sliced Wasserstein distance of the RK45 solution to π1 (multi-step quality).
-    pub ode_sw: Option<f64>,
-    /// Sliced Wasserstein distance of one-step samples to π1 (per class, averaged).
-    pub one_step_sw: f64,
+    /// MMD² of the RK45 solution to π1 (multi-step quality; per class, averaged).
+    pub ode_mmd: Option<f64>,
+    /// MMD² of one-step samples to π1 (per class, averaged): the one-step error.
+    pub one_step_mmd: f64,
     /// Share of one-step samples whose nearest mode belongs to the class they were asked for.
     pub one_step_accuracy: f64,
 }
@@ -167,6 +167,8 @@ pub struct ToyReport {
     pub rows: Vec<ToyRow>,
     /// Samples of the true π1 (for reference in figures).
     pub target: LabelledPoints,
+    /// MMD² between two independent samples of π1 of the evaluation size: the metric's noise floor.
+    pub noise_floor_mmd: f64,
     /// One-step samples of each model (same noise and labels for every model), by row name.
     pub one_step: Vec<(String, LabelledPoints)>,
     /// Euler trajectories of 1-RF and 2-RF: per model, one polyline per path, with labels.
@@ -331,6 +333,9 @@ fn generate_pairs<B: Backend>(
     }
 }
 
+/// Kernel bandwidths of the MMD (the mode std is 0.25 and the circle radius 3).
+const MMD_BANDWIDTHS: [f64; 4] = [0.25, 0.5, 1.0, 2.0];
+
 /// The fixed evaluation set: the same noise and labels for every model.
 struct EvalSet {
     x0: Vec<f32>,
@@ -339,8 +344,8 @@ struct EvalSet {
 }
 
 impl EvalSet {
-    /// Per-class sliced Wasserstein distance of `samples` to the target, averaged over classes.
-    fn sliced_wasserstein(&self, samples: &[f32], classes: usize, rng: &mut impl Rng) -> f64 {
+    /// Per-class MMD² of `samples` to the target, averaged over classes.
+    fn mmd(&self, samples: &[f32], classes: usize) -> f64 {
         let mut total = 0.0;
         for c in 0..classes {
             let pick = |v: &[f32]| -> Vec<f32> {
@@ -351,7 +356,7 @@ impl EvalSet {
                     .flat_map(|(i, _)| [v[2 * i], v[2 * i + 1]])
                     .collect()
             };
-            total += sliced_wasserstein(&pick(samples), &pick(&self.target), 2, 64, rng);
+            total += mmd2(&pick(samples), &pick(&self.target), 2, &MMD_BANDWIDTHS);
         }
         total / classes as f64
     }
@@ -421,19 +426,21 @@ pub fn run<B: AutodiffBackend>(
     let mut report = ToyReport {
         rows: Vec::new(),
         target: eval.points(&eval.target),
+        noise_floor_mmd: 0.0,
         one_step: Vec::new(),
         trajectories: Vec::new(),
         losses,
     };
-    let mut metric_rng = noise::rng(cfg.seed.wrapping_add(2));
+    let fresh = cfg.target.sample_many(&eval.labels, &mut noise::rng(cfg.seed.wrapping_add(2)));
+    report.noise_floor_mmd = eval.mmd(&fresh, classes);
     for (name, model, is_flow) in &models {
         let one = rows(solve(model, cfg, &eval.x0, &eval.labels, Solver::Euler { steps: 1 }, false).x);
         let mut row = ToyRow {
             name: name.to_string(),
             paths: None,
             rk45_nfe: None,
-            ode_sw: None,
-            one_step_sw: eval.sliced_wasserstein(&one, classes, &mut metric_rng),
+            ode_mmd: None,
+            one_step_mmd: eval.mmd(&one, classes),
             one_step_accuracy: eval.accuracy(&one, &cfg.target),
         };
         if *is_flow {
@@ -444,7 +451,7 @@ pub fn run<B: AutodiffBackend>(
             row.paths = Some(path_stats(&ode, tensor2(eval.x0.clone(), &device), cfg.straightness_steps));
             let sol = solve(model, cfg, &eval.x0, &eval.labels, Solver::Rk45(cfg.rk45), false);
             row.rk45_nfe = Some(sol.nfe);
-            row.ode_sw = Some(eval.sliced_wasserstein(&rows(sol.x), classes, &mut metric_rng));
+            row.ode_mmd = Some(eval.mmd(&rows(sol.x), classes));
 
             let k = cfg.trajectories.min(eval.labels.len());
             let steps = Solver::Euler { steps: cfg.straightness_steps };
@@ -457,4 +464,60 @@ pub fn run<B: AutodiffBackend>(
         report.rows.push(row);
     }
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, Flex};
+
+    #[test]
+    fn reflow_straightens_and_distillation_works_on_a_reduced_run() {
+        let cfg = ToyConfig::reduced();
+        let mut stages = Vec::new();
+        let report = run::<Autodiff<Flex>>(&cfg, &Default::default(), &mut |p| {
+            if stages.last().map(String::as_str) != Some(p.stage) {
+                stages.push(p.stage.to_string());
+            }
+        });
+        let names: Vec<&str> = report.rows.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["1-RF", "2-RF", "1-RF+distill", "2-RF+distill"]);
+        assert!(stages.len() >= 4, "progress reported for each stage: {stages:?}");
+
+        let rf1 = report.row("1-RF").unwrap();
+        let rf2 = report.row("2-RF").unwrap();
+        let s1 = rf1.paths.unwrap().straightness;
+        let s2 = rf2.paths.unwrap().straightness;
+        assert!(s1 > 3.0 * s2, "reflow must lower straightness ≥3×: 1-RF {s1}, 2-RF {s2}");
+        assert!(
+            rf2.one_step_mmd < rf1.one_step_mmd,
+            "reflow must lower the one-step error: {} vs {}",
+            rf2.one_step_mmd,
+            rf1.one_step_mmd
+        );
+        assert!(rf2.one_step_accuracy > rf1.one_step_accuracy);
+        // Distillation makes the one-step generator at least as good as 2-RF's single Euler step.
+        let d2 = report.row("2-RF+distill").unwrap();
+        assert!(d2.one_step_mmd < rf2.one_step_mmd, "{} vs {}", d2.one_step_mmd, rf2.one_step_mmd);
+        // Losses fall during 1-RF training.
+        let (_, curve) = &report.losses[0];
+        assert!(curve.last().unwrap().1 < curve[0].1);
+    }
+
+    #[test]
+    fn same_seed_same_report() {
+        let cfg = ToyConfig {
+            rf_steps: 40,
+            reflow_steps: 20,
+            distill_steps: 20,
+            pairs: 128,
+            eval_samples: 64,
+            straightness_steps: 10,
+            trajectories: 4,
+            ..ToyConfig::reduced()
+        };
+        let a = run::<Autodiff<Flex>>(&cfg, &Default::default(), &mut |_| {});
+        let b = run::<Autodiff<Flex>>(&cfg, &Default::default(), &mut |_| {});
+        assert_eq!(a, b);
+    }
 }
