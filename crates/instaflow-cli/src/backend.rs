@@ -87,8 +87,10 @@ macro_rules! with_backend {
 
 /// Information about the first wgpu adapter, if any: (name, kind, graphics API).
 pub fn wgpu_adapter() -> Option<(String, wgpu::DeviceType, wgpu::Backend)> {
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let adapters = futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapters =
+        futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
     // Prefer a real GPU over a software rasteriser when several exist.
     adapters
         .iter()
@@ -140,7 +142,11 @@ pub fn resolve(choice: BackendChoice) -> Result<Selected> {
             bail!(
                 "--backend cuda: no usable CUDA device (the NVIDIA driver and NVRTC must be \
                  installed{})",
-                if cfg!(feature = "cuda") { "" } else { "; this binary was built without the `cuda` feature" }
+                if cfg!(feature = "cuda") {
+                    ""
+                } else {
+                    "; this binary was built without the `cuda` feature"
+                }
             )
         }
         BackendChoice::Auto => {
@@ -151,11 +157,15 @@ pub fn resolve(choice: BackendChoice) -> Result<Selected> {
             }
             match wgpu_adapter() {
                 Some((name, kind, api)) if kind != wgpu::DeviceType::Cpu => {
-                    eprintln!("backend: wgpu on {name} ({api:?}) (auto: no CUDA, a GPU adapter is present)");
+                    eprintln!(
+                        "backend: wgpu on {name} ({api:?}) (auto: no CUDA, a GPU adapter is present)"
+                    );
                     Ok(Selected::Wgpu(WgpuDevice::DefaultDevice))
                 }
                 _ => {
-                    eprintln!("backend: cpu (flex) (auto: no CUDA device and no hardware GPU adapter)");
+                    eprintln!(
+                        "backend: cpu (flex) (auto: no CUDA device and no hardware GPU adapter)"
+                    );
                     Ok(Selected::Cpu)
                 }
             }

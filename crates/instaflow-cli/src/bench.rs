@@ -45,7 +45,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .iter()
             .map(|(n, t)| serde_json::json!({"backend": n, "conv_ms": t.conv_ms, "matmul_ms": t.matmul_ms, "attention_ms": t.attention_ms}))
             .collect();
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"shape": format!("{shape:?}"), "results": rows}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"shape": format!("{shape:?}"), "results": rows})
+            )?
+        );
         return Ok(());
     }
     println!(
@@ -57,7 +62,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         c = shape.channels,
         s = shape.size
     );
-    println!("| backend | conv ms | matmul ms | attention ms | total ms |\n|---|---:|---:|---:|---:|");
+    println!(
+        "| backend | conv ms | matmul ms | attention ms | total ms |\n|---|---:|---:|---:|---:|"
+    );
     for (n, t) in &results {
         println!(
             "| {n} | {:.1} | {:.1} | {:.1} | {:.1} |",

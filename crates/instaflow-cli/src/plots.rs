@@ -43,7 +43,13 @@ type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 fn panel<'a, 'b>(
     area: &'a Area<'b>,
     title: &str,
-) -> Result<ChartContext<'a, BitMapBackend<'b>, Cartesian2d<plotters::coord::types::RangedCoordf32, plotters::coord::types::RangedCoordf32>>> {
+) -> Result<
+    ChartContext<
+        'a,
+        BitMapBackend<'b>,
+        Cartesian2d<plotters::coord::types::RangedCoordf32, plotters::coord::types::RangedCoordf32>,
+    >,
+> {
     let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 22))
         .margin(8)
@@ -63,9 +69,12 @@ fn panel<'a, 'b>(
 fn scatter(area: &Area, title: &str, pts: &LabelledPoints) -> Result<()> {
     let mut chart = panel(area, title)?;
     chart
-        .draw_series(pts.points.iter().zip(&pts.labels).map(|(p, &l)| {
-            Circle::new((p[0], p[1]), 2, class_color(l).mix(0.6).filled())
-        }))
+        .draw_series(
+            pts.points
+                .iter()
+                .zip(&pts.labels)
+                .map(|(p, &l)| Circle::new((p[0], p[1]), 2, class_color(l).mix(0.6).filled())),
+        )
         .map_err(err)?;
     Ok(())
 }
@@ -76,7 +85,11 @@ pub fn trajectories(report: &ToyReport, path: &Path) -> Result<()> {
     let n = report.trajectories.len().max(1) as u32;
     let root = BitMapBackend::new(path, (520 * n, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    for ((name, paths, labels), area) in report.trajectories.iter().zip(root.split_evenly((1, n as usize))) {
+    for ((name, paths, labels), area) in report
+        .trajectories
+        .iter()
+        .zip(root.split_evenly((1, n as usize)))
+    {
         let stats = report.row(name).and_then(|r| r.paths);
         let title = match stats {
             Some(s) => format!("{name} paths (straightness {:.3})", s.straightness),
@@ -86,15 +99,23 @@ pub fn trajectories(report: &ToyReport, path: &Path) -> Result<()> {
         for (poly, &label) in paths.iter().zip(labels) {
             let color = class_color(label);
             chart
-                .draw_series(LineSeries::new(poly.iter().map(|p| (p[0], p[1])), color.mix(0.7)))
+                .draw_series(LineSeries::new(
+                    poly.iter().map(|p| (p[0], p[1])),
+                    color.mix(0.7),
+                ))
                 .map_err(err)?;
             if let (Some(a), Some(b)) = (poly.first(), poly.last()) {
-                chart.draw_series([Circle::new((a[0], a[1]), 2, BLACK.filled())]).map_err(err)?;
-                chart.draw_series([Circle::new((b[0], b[1]), 3, color.filled())]).map_err(err)?;
+                chart
+                    .draw_series([Circle::new((a[0], a[1]), 2, BLACK.filled())])
+                    .map_err(err)?;
+                chart
+                    .draw_series([Circle::new((b[0], b[1]), 3, color.filled())])
+                    .map_err(err)?;
             }
         }
     }
-    root.present().with_context(|| format!("writing {}", path.display()))?;
+    root.present()
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -107,10 +128,14 @@ pub fn one_step_samples(report: &ToyReport, path: &Path) -> Result<()> {
     let areas = root.split_evenly((1, panels));
     scatter(&areas[0], "target π1", &report.target)?;
     for ((name, pts), area) in report.one_step.iter().zip(&areas[1..]) {
-        let acc = report.row(name).map(|r| r.one_step_accuracy * 100.0).unwrap_or(f64::NAN);
+        let acc = report
+            .row(name)
+            .map(|r| r.one_step_accuracy * 100.0)
+            .unwrap_or(f64::NAN);
         scatter(area, &format!("{name}, 1 step ({acc:.0}% acc.)"), pts)?;
     }
-    root.present().with_context(|| format!("writing {}", path.display()))?;
+    root.present()
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -119,10 +144,23 @@ pub fn losses(report: &ToyReport, path: &Path) -> Result<()> {
     fonts();
     let root = BitMapBackend::new(path, (800, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let max_step = report.losses.iter().flat_map(|(_, c)| c.iter().map(|p| p.0)).max().unwrap_or(1) as f64;
-    let values = report.losses.iter().flat_map(|(_, c)| c.iter().map(|p| p.1)).filter(|v| *v > 0.0);
+    let max_step = report
+        .losses
+        .iter()
+        .flat_map(|(_, c)| c.iter().map(|p| p.0))
+        .max()
+        .unwrap_or(1) as f64;
+    let values = report
+        .losses
+        .iter()
+        .flat_map(|(_, c)| c.iter().map(|p| p.1))
+        .filter(|v| *v > 0.0);
     let (lo, hi) = values.fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
-    let (lo, hi) = if lo < hi { (lo * 0.8, hi * 1.2) } else { (1e-4, 1.0) };
+    let (lo, hi) = if lo < hi {
+        (lo * 0.8, hi * 1.2)
+    } else {
+        (1e-4, 1.0)
+    };
     let mut chart = ChartBuilder::on(&root)
         .caption("training loss", ("sans-serif", 22))
         .margin(10)
@@ -130,14 +168,24 @@ pub fn losses(report: &ToyReport, path: &Path) -> Result<()> {
         .y_label_area_size(50)
         .build_cartesian_2d(0.0..max_step, (lo..hi).log_scale())
         .map_err(err)?;
-    chart.configure_mesh().label_style(("sans-serif", 12)).x_desc("step").draw().map_err(err)?;
+    chart
+        .configure_mesh()
+        .label_style(("sans-serif", 12))
+        .x_desc("step")
+        .draw()
+        .map_err(err)?;
     for (i, (stage, curve)) in report.losses.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
         chart
-            .draw_series(LineSeries::new(curve.iter().map(|&(s, l)| (s as f64, l)), color.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                curve.iter().map(|&(s, l)| (s as f64, l)),
+                color.stroke_width(2),
+            ))
             .map_err(err)?
             .label(stage.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
     }
     chart
         .configure_series_labels()
@@ -146,6 +194,7 @@ pub fn losses(report: &ToyReport, path: &Path) -> Result<()> {
         .border_style(BLACK)
         .draw()
         .map_err(err)?;
-    root.present().with_context(|| format!("writing {}", path.display()))?;
+    root.present()
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

@@ -56,7 +56,12 @@ pub fn table(rows: &[ToyRow]) -> String {
     s
 }
 
-fn report_json(report: &ToyReport, cfg: &ToyConfig, backend: &str, seconds: f64) -> serde_json::Value {
+fn report_json(
+    report: &ToyReport,
+    cfg: &ToyConfig,
+    backend: &str,
+    seconds: f64,
+) -> serde_json::Value {
     let rows: Vec<_> = report
         .rows
         .iter()
@@ -86,7 +91,10 @@ fn report_json(report: &ToyReport, cfg: &ToyConfig, backend: &str, seconds: f64)
 
 /// Run `instaflow toy`.
 pub fn run(choice: BackendChoice, args: ToyArgs) -> Result<()> {
-    ensure!(args.guidance.is_finite(), "--guidance must be a finite number");
+    ensure!(
+        args.guidance.is_finite(),
+        "--guidance must be a finite number"
+    );
     ensure!(
         args.steps_scale > 0.0 && args.steps_scale.is_finite(),
         "--steps-scale must be a positive number, got {}",
@@ -132,7 +140,10 @@ pub fn run(choice: BackendChoice, args: ToyArgs) -> Result<()> {
     let seconds = start.elapsed().as_secs_f64();
 
     let figures = [
-        ("trajectories.png", plots::trajectories as fn(&ToyReport, &std::path::Path) -> Result<()>),
+        (
+            "trajectories.png",
+            plots::trajectories as fn(&ToyReport, &std::path::Path) -> Result<()>,
+        ),
         ("one_step.png", plots::one_step_samples),
         ("losses.png", plots::losses),
     ];
@@ -151,7 +162,11 @@ pub fn run(choice: BackendChoice, args: ToyArgs) -> Result<()> {
         report.noise_floor_mmd
     );
     fs::write(args.out.join("report.md"), &md).context("writing report.md")?;
-    fs::write(args.out.join("report.json"), serde_json::to_string_pretty(&json)?).context("writing report.json")?;
+    fs::write(
+        args.out.join("report.json"),
+        serde_json::to_string_pretty(&json)?,
+    )
+    .context("writing report.json")?;
 
     if args.json {
         println!("{}", serde_json::to_string_pretty(&json)?);

@@ -53,7 +53,10 @@ impl BlockTimings {
     }
 }
 
-fn median_ms<B: Backend, const D: usize>(repeats: usize, mut f: impl FnMut() -> Tensor<B, D>) -> f64 {
+fn median_ms<B: Backend, const D: usize>(
+    repeats: usize,
+    mut f: impl FnMut() -> Tensor<B, D>,
+) -> f64 {
     // One warm-up run (kernel compilation, autotune, allocation) is not timed.
     let _ = f().sum().into_data();
     let mut times: Vec<f64> = (0..repeats.max(1))
@@ -69,13 +72,22 @@ fn median_ms<B: Backend, const D: usize>(repeats: usize, mut f: impl FnMut() -> 
 }
 
 /// Time the block on `device`, `repeats` runs per kernel after one warm-up.
-pub fn time_block<B: Backend>(device: &B::Device, shape: BlockShape, repeats: usize) -> BlockTimings {
+pub fn time_block<B: Backend>(
+    device: &B::Device,
+    shape: BlockShape,
+    repeats: usize,
+) -> BlockTimings {
     let normal = Distribution::Normal(0.0, 1.0);
     let (c, s) = (shape.channels, shape.size);
     let x = Tensor::<B, 4>::random([1, c, s, s], normal, device);
     let w = Tensor::<B, 4>::random([c, c, 3, 3], normal, device) * 0.02;
     let conv_ms = median_ms(repeats, || {
-        conv2d(x.clone(), w.clone(), None, ConvOptions::new([1, 1], [1, 1], [1, 1], 1))
+        conv2d(
+            x.clone(),
+            w.clone(),
+            None,
+            ConvOptions::new([1, 1], [1, 1], [1, 1], 1),
+        )
     });
 
     let a = Tensor::<B, 2>::random([s * s, c], normal, device);

@@ -68,7 +68,10 @@ mod tests {
         assert_eq!(unet_timestep(T_DATA), 0.0);
         let n = 3;
         let taus: Vec<f64> = euler_times(n).into_iter().map(unet_timestep).collect();
-        assert!((taus[1] - 2000.0 / 3.0).abs() < 1e-9, "fractional τ for N=3: {taus:?}");
+        assert!(
+            (taus[1] - 2000.0 / 3.0).abs() < 1e-9,
+            "fractional τ for N=3: {taus:?}"
+        );
         for t in [0.0, 0.25, 0.7, 1.0] {
             assert!((flow_time(unet_timestep(t)) - t).abs() < 1e-12);
         }

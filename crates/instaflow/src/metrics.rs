@@ -56,7 +56,11 @@ pub fn sliced_wasserstein(
     projections: usize,
     rng: &mut impl Rng,
 ) -> f64 {
-    assert_eq!(a.len(), b.len(), "sliced Wasserstein needs equal sample counts");
+    assert_eq!(
+        a.len(),
+        b.len(),
+        "sliced Wasserstein needs equal sample counts"
+    );
     assert_eq!(a.len() % dim, 0);
     let n = a.len() / dim;
     let mut total = 0.0;
@@ -76,7 +80,12 @@ pub fn sliced_wasserstein(
             p
         };
         let (pa, pb) = (project(a), project(b));
-        total += pa.iter().zip(&pb).map(|(x, y)| (x - y).powi(2)).sum::<f64>() / n as f64;
+        total += pa
+            .iter()
+            .zip(&pb)
+            .map(|(x, y)| (x - y).powi(2))
+            .sum::<f64>()
+            / n as f64;
     }
     (total / projections as f64).sqrt()
 }
@@ -86,13 +95,21 @@ pub fn sliced_wasserstein(
 /// is not dominated by small differences in how much mass each mode gets.
 pub fn mmd2(a: &[f32], b: &[f32], dim: usize, bandwidths: &[f64]) -> f64 {
     let rows = |v: &[f32]| -> Vec<Vec<f64>> {
-        v.chunks(dim).map(|r| r.iter().map(|&x| x as f64).collect()).collect()
+        v.chunks(dim)
+            .map(|r| r.iter().map(|&x| x as f64).collect())
+            .collect()
     };
     let (a, b) = (rows(a), rows(b));
-    assert!(a.len() > 1 && b.len() > 1, "MMD needs at least two points per set");
+    assert!(
+        a.len() > 1 && b.len() > 1,
+        "MMD needs at least two points per set"
+    );
     let k = |x: &[f64], y: &[f64]| {
         let d2: f64 = x.iter().zip(y).map(|(p, q)| (p - q).powi(2)).sum();
-        bandwidths.iter().map(|s| (-d2 / (2.0 * s * s)).exp()).sum::<f64>()
+        bandwidths
+            .iter()
+            .map(|s| (-d2 / (2.0 * s * s)).exp())
+            .sum::<f64>()
     };
     let within = |s: &[Vec<f64>]| {
         let mut total = 0.0;
@@ -124,7 +141,11 @@ mod tests {
         let constant = |x: Tensor<TB, 2>, _t: f64| x.zeros_like() + 3.0;
         let s = path_stats(&constant, z0, 10);
         assert!(s.straightness.abs() < 1e-9);
-        assert!((s.transport_cost - 18.0).abs() < 1e-4, "‖(3,3)‖² = 18, got {}", s.transport_cost);
+        assert!(
+            (s.transport_cost - 18.0).abs() < 1e-4,
+            "‖(3,3)‖² = 18, got {}",
+            s.transport_cost
+        );
     }
 
     #[test]
@@ -134,7 +155,11 @@ mod tests {
         let z0 = Tensor::<TB, 2>::from_floats([[0.0]], &dev);
         let field = |x: Tensor<TB, 2>, t: f64| x.zeros_like() + 2.0 * t;
         let s = path_stats(&field, z0, 1000);
-        assert!((s.straightness - 1.0 / 3.0).abs() < 2e-3, "{}", s.straightness);
+        assert!(
+            (s.straightness - 1.0 / 3.0).abs() < 2e-3,
+            "{}",
+            s.straightness
+        );
     }
 
     #[test]

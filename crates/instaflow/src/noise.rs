@@ -15,7 +15,9 @@ pub fn rng(seed: u64) -> ChaCha8Rng {
 
 /// `n` standard-normal samples from `rng`.
 pub fn standard_normal(rng: &mut impl Rng, n: usize) -> Vec<f32> {
-    (0..n).map(|_| rng.sample::<f32, _>(StandardNormal)).collect()
+    (0..n)
+        .map(|_| rng.sample::<f32, _>(StandardNormal))
+        .collect()
 }
 
 /// A tensor of standard-normal noise of the given shape, drawn from `rng`.
@@ -40,6 +42,9 @@ mod tests {
         assert_ne!(a, standard_normal(&mut rng(8), 20_000));
         let mean = a.iter().map(|&x| x as f64).sum::<f64>() / a.len() as f64;
         let var = a.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / a.len() as f64;
-        assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "mean {mean} var {var}");
+        assert!(
+            mean.abs() < 0.03 && (var - 1.0).abs() < 0.05,
+            "mean {mean} var {var}"
+        );
     }
 }

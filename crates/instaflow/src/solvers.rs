@@ -322,7 +322,10 @@ mod tests {
         let (e2, n2) = error(Solver::Euler { steps: 40 });
         assert_eq!((n1, n2), (20, 40));
         let ratio = e1 / e2;
-        assert!((1.8..2.2).contains(&ratio), "halving h should halve the error, ratio {ratio}");
+        assert!(
+            (1.8..2.2).contains(&ratio),
+            "halving h should halve the error, ratio {ratio}"
+        );
     }
 
     #[test]
@@ -331,7 +334,10 @@ mod tests {
         let (e2, _) = error(Solver::Heun { steps: 20 });
         assert_eq!(n1, 20);
         let ratio = e1 / e2;
-        assert!((3.5..4.5).contains(&ratio), "halving h should quarter the error, ratio {ratio}");
+        assert!(
+            (3.5..4.5).contains(&ratio),
+            "halving h should quarter the error, ratio {ratio}"
+        );
     }
 
     #[test]
@@ -349,8 +355,14 @@ mod tests {
         let (e_loose, n_loose) = error(Solver::Rk45(loose));
         let (e_tight, n_tight) = error(Solver::Rk45(tight));
         assert!(e_loose < 1e-3, "error {e_loose} above tolerance 1e-3");
-        assert!(e_tight < 1e-5, "error {e_tight} (f32 state) for tolerance 1e-6");
-        assert!(n_tight > n_loose, "tighter tolerance must cost more NFE ({n_tight} vs {n_loose})");
+        assert!(
+            e_tight < 1e-5,
+            "error {e_tight} (f32 state) for tolerance 1e-6"
+        );
+        assert!(
+            n_tight > n_loose,
+            "tighter tolerance must cost more NFE ({n_tight} vs {n_loose})"
+        );
     }
 
     #[test]
@@ -375,7 +387,11 @@ mod tests {
         let sol = rk45(&straight, x0, 0.0, 1.0, Rk45Options::default(), false);
         // Two evaluations choose the first step (h ≈ 0.04 here); zero error estimates then let the
         // step grow tenfold, so three steps of six evaluations reach t = 1.
-        assert!(sol.nfe <= 20, "a straight field needs ~three steps, got NFE {}", sol.nfe);
+        assert!(
+            sol.nfe <= 20,
+            "a straight field needs ~three steps, got NFE {}",
+            sol.nfe
+        );
         let x = to_vec(sol.x);
         assert!((x[0] - 2.5).abs() < 1e-6 && x[1].abs() < 1e-6, "{x:?}");
     }

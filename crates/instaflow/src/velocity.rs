@@ -120,7 +120,9 @@ mod tests {
     #[test]
     fn cfg_formula_and_eval_count() {
         let dev = device();
-        let field = Affine { calls: Cell::new(0) };
+        let field = Affine {
+            calls: Cell::new(0),
+        };
         let x = Tensor::<TB, 2>::from_floats([[1.0, 2.0]], &dev);
         let (c, null) = (3.0, 0.0);
 

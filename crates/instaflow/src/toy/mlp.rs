@@ -73,9 +73,7 @@ impl<B: Backend> VelocityField<B, 2> for ToyMlp<B> {
 
     fn velocity(&self, x: Tensor<B, 2>, t: Tensor<B, 1>, labels: &Self::Cond) -> Tensor<B, 2> {
         let n = x.dims()[0];
-        let embedded = self
-            .label_embedding
-            .forward(labels.clone().reshape([n, 1]));
+        let embedded = self.label_embedding.forward(labels.clone().reshape([n, 1]));
         let embedded = embedded.reshape([n, self.label_embedding.weight.dims()[1]]);
         let h = Tensor::cat(vec![x, self.time_features(t), embedded], 1);
         let mut h = silu(self.input.forward(h));

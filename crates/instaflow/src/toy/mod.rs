@@ -314,11 +314,7 @@ fn solve<B: Backend>(
 }
 
 /// Reflow pairs: fresh noise and labels, X1 = RK45 solution of the model's guided ODE.
-fn generate_pairs<B: Backend>(
-    model: &ToyMlp<B>,
-    cfg: &ToyConfig,
-    rng: &mut impl Rng,
-) -> Pairs {
+fn generate_pairs<B: Backend>(model: &ToyMlp<B>, cfg: &ToyConfig, rng: &mut impl Rng) -> Pairs {
     let n = cfg.pairs;
     let labels: Vec<usize> = (0..n)
         .map(|_| rng.random_range(0..cfg.target.classes))
@@ -407,14 +403,44 @@ pub fn run<B: AutodiffBackend>(
         .with_hidden(cfg.hidden)
         .init::<B>(device);
 
-    let rf1 = trainer.train("train 1-RF", init, Objective::Independent(&cfg.target), cfg.rf_steps);
-    (trainer.progress)(ToyProgress { stage: "reflow pairs (1-RF, RK45)", done: 0, total: 1, loss: None });
+    let rf1 = trainer.train(
+        "train 1-RF",
+        init,
+        Objective::Independent(&cfg.target),
+        cfg.rf_steps,
+    );
+    (trainer.progress)(ToyProgress {
+        stage: "reflow pairs (1-RF, RK45)",
+        done: 0,
+        total: 1,
+        loss: None,
+    });
     let pairs1 = generate_pairs(&rf1.valid(), cfg, &mut rng);
-    let rf2 = trainer.train("train 2-RF", rf1.clone(), Objective::Reflow(&pairs1), cfg.reflow_steps);
-    (trainer.progress)(ToyProgress { stage: "distill pairs (2-RF, RK45)", done: 0, total: 1, loss: None });
+    let rf2 = trainer.train(
+        "train 2-RF",
+        rf1.clone(),
+        Objective::Reflow(&pairs1),
+        cfg.reflow_steps,
+    );
+    (trainer.progress)(ToyProgress {
+        stage: "distill pairs (2-RF, RK45)",
+        done: 0,
+        total: 1,
+        loss: None,
+    });
     let pairs2 = generate_pairs(&rf2.valid(), cfg, &mut rng);
-    let d1 = trainer.train("distill 1-RF", rf1.clone(), Objective::Distill(&pairs1), cfg.distill_steps);
-    let d2 = trainer.train("distill 2-RF", rf2.clone(), Objective::Distill(&pairs2), cfg.distill_steps);
+    let d1 = trainer.train(
+        "distill 1-RF",
+        rf1.clone(),
+        Objective::Distill(&pairs1),
+        cfg.distill_steps,
+    );
+    let d2 = trainer.train(
+        "distill 2-RF",
+        rf2.clone(),
+        Objective::Distill(&pairs2),
+        cfg.distill_steps,
+    );
     let losses = trainer.losses;
 
     let models = [
@@ -431,10 +457,22 @@ pub fn run<B: AutodiffBackend>(
         trajectories: Vec::new(),
         losses,
     };
-    let fresh = cfg.target.sample_many(&eval.labels, &mut noise::rng(cfg.seed.wrapping_add(2)));
+    let fresh = cfg
+        .target
+        .sample_many(&eval.labels, &mut noise::rng(cfg.seed.wrapping_add(2)));
     report.noise_floor_mmd = eval.mmd(&fresh, classes);
     for (name, model, is_flow) in &models {
-        let one = rows(solve(model, cfg, &eval.x0, &eval.labels, Solver::Euler { steps: 1 }, false).x);
+        let one = rows(
+            solve(
+                model,
+                cfg,
+                &eval.x0,
+                &eval.labels,
+                Solver::Euler { steps: 1 },
+                false,
+            )
+            .x,
+        );
         let mut row = ToyRow {
             name: name.to_string(),
             paths: None,
@@ -448,17 +486,46 @@ pub fn run<B: AutodiffBackend>(
             let cond = labels_tensor(&eval.labels, &device);
             let null = labels_tensor(&vec![cfg.target.null_label(); eval.labels.len()], &device);
             let ode = Guided::with_guidance(model, &cond, &null, cfg.guidance);
-            row.paths = Some(path_stats(&ode, tensor2(eval.x0.clone(), &device), cfg.straightness_steps));
-            let sol = solve(model, cfg, &eval.x0, &eval.labels, Solver::Rk45(cfg.rk45), false);
+            row.paths = Some(path_stats(
+                &ode,
+                tensor2(eval.x0.clone(), &device),
+                cfg.straightness_steps,
+            ));
+            let sol = solve(
+                model,
+                cfg,
+                &eval.x0,
+                &eval.labels,
+                Solver::Rk45(cfg.rk45),
+                false,
+            );
             row.rk45_nfe = Some(sol.nfe);
             row.ode_mmd = Some(eval.mmd(&rows(sol.x), classes));
 
             let k = cfg.trajectories.min(eval.labels.len());
-            let steps = Solver::Euler { steps: cfg.straightness_steps };
-            let sol = solve(model, cfg, &eval.x0[..2 * k], &eval.labels[..k], steps, true);
-            let frames: Vec<Vec<f32>> = sol.trajectory.expect("kept").into_iter().map(|(_, x)| rows(x)).collect();
-            let paths = (0..k).map(|i| frames.iter().map(|f| [f[2 * i], f[2 * i + 1]]).collect()).collect();
-            report.trajectories.push((name.to_string(), paths, eval.labels[..k].to_vec()));
+            let steps = Solver::Euler {
+                steps: cfg.straightness_steps,
+            };
+            let sol = solve(
+                model,
+                cfg,
+                &eval.x0[..2 * k],
+                &eval.labels[..k],
+                steps,
+                true,
+            );
+            let frames: Vec<Vec<f32>> = sol
+                .trajectory
+                .expect("kept")
+                .into_iter()
+                .map(|(_, x)| rows(x))
+                .collect();
+            let paths = (0..k)
+                .map(|i| frames.iter().map(|f| [f[2 * i], f[2 * i + 1]]).collect())
+                .collect();
+            report
+                .trajectories
+                .push((name.to_string(), paths, eval.labels[..k].to_vec()));
         }
         report.one_step.push((name.to_string(), eval.points(&one)));
         report.rows.push(row);
@@ -482,13 +549,19 @@ mod tests {
         });
         let names: Vec<&str> = report.rows.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["1-RF", "2-RF", "1-RF+distill", "2-RF+distill"]);
-        assert!(stages.len() >= 4, "progress reported for each stage: {stages:?}");
+        assert!(
+            stages.len() >= 4,
+            "progress reported for each stage: {stages:?}"
+        );
 
         let rf1 = report.row("1-RF").unwrap();
         let rf2 = report.row("2-RF").unwrap();
         let s1 = rf1.paths.unwrap().straightness;
         let s2 = rf2.paths.unwrap().straightness;
-        assert!(s1 > 3.0 * s2, "reflow must lower straightness ≥3×: 1-RF {s1}, 2-RF {s2}");
+        assert!(
+            s1 > 3.0 * s2,
+            "reflow must lower straightness ≥3×: 1-RF {s1}, 2-RF {s2}"
+        );
         assert!(
             rf2.one_step_mmd < rf1.one_step_mmd,
             "reflow must lower the one-step error: {} vs {}",
@@ -498,7 +571,12 @@ mod tests {
         assert!(rf2.one_step_accuracy > rf1.one_step_accuracy);
         // Distillation makes the one-step generator at least as good as 2-RF's single Euler step.
         let d2 = report.row("2-RF+distill").unwrap();
-        assert!(d2.one_step_mmd < rf2.one_step_mmd, "{} vs {}", d2.one_step_mmd, rf2.one_step_mmd);
+        assert!(
+            d2.one_step_mmd < rf2.one_step_mmd,
+            "{} vs {}",
+            d2.one_step_mmd,
+            rf2.one_step_mmd
+        );
         // Losses fall during 1-RF training.
         let (_, curve) = &report.losses[0];
         assert!(curve.last().unwrap().1 < curve[0].1);
