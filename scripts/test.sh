@@ -26,7 +26,7 @@ step "native release build (CLI with CPU, wgpu and CUDA backends)"
 cargo build --release --locked
 
 step "CUDA backend build (compiled in by default; cubecl-cuda loads the driver at run time)"
-cargo build --release --locked -p instaflow-cli --features cuda
+cargo build --release --locked --features cuda
 
 step "tests"
 cargo test --release --locked

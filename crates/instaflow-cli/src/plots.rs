@@ -85,18 +85,19 @@ pub fn trajectories(report: &ToyReport, path: &Path) -> Result<()> {
     let n = report.trajectories.len().max(1) as u32;
     let root = BitMapBackend::new(path, (520 * n, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    for ((name, paths, labels), area) in report
+    for (traj, area) in report
         .trajectories
         .iter()
         .zip(root.split_evenly((1, n as usize)))
     {
+        let name = &traj.model;
         let stats = report.row(name).and_then(|r| r.paths);
         let title = match stats {
             Some(s) => format!("{name} paths (straightness {:.3})", s.straightness),
             None => format!("{name} paths"),
         };
         let mut chart = panel(&area, &title)?;
-        for (poly, &label) in paths.iter().zip(labels) {
+        for (poly, &label) in traj.paths.iter().zip(&traj.labels) {
             let color = class_color(label);
             chart
                 .draw_series(LineSeries::new(

@@ -160,6 +160,17 @@ pub struct LabelledPoints {
     pub labels: Vec<usize>,
 }
 
+/// Sampled ODE paths of one model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trajectories {
+    /// Row name of the model.
+    pub model: String,
+    /// One polyline per path, from `t = 0` to `t = 1`.
+    pub paths: Vec<Vec<[f32; 2]>>,
+    /// Class label of each path.
+    pub labels: Vec<usize>,
+}
+
 /// Everything the toy run measured.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ToyReport {
@@ -171,8 +182,8 @@ pub struct ToyReport {
     pub noise_floor_mmd: f64,
     /// One-step samples of each model (same noise and labels for every model), by row name.
     pub one_step: Vec<(String, LabelledPoints)>,
-    /// Euler trajectories of 1-RF and 2-RF: per model, one polyline per path, with labels.
-    pub trajectories: Vec<(String, Vec<Vec<[f32; 2]>>, Vec<usize>)>,
+    /// Euler trajectories of 1-RF and 2-RF from the same noise.
+    pub trajectories: Vec<Trajectories>,
     /// Loss curve of each training stage: (stage, [(step, loss)]).
     pub losses: Vec<(String, Vec<(usize, f64)>)>,
 }
@@ -523,9 +534,11 @@ pub fn run<B: AutodiffBackend>(
             let paths = (0..k)
                 .map(|i| frames.iter().map(|f| [f[2 * i], f[2 * i + 1]]).collect())
                 .collect();
-            report
-                .trajectories
-                .push((name.to_string(), paths, eval.labels[..k].to_vec()));
+            report.trajectories.push(Trajectories {
+                model: name.to_string(),
+                paths,
+                labels: eval.labels[..k].to_vec(),
+            });
         }
         report.one_step.push((name.to_string(), eval.points(&one)));
         report.rows.push(row);
