@@ -10,18 +10,23 @@
 //! * [`solvers`] — Euler, Heun, adaptive RK45, each reporting NFE.
 //! * [`losses`] — rectified-flow / reflow and distillation objectives.
 //! * [`metrics`] — straightness, transport cost, sliced Wasserstein.
+//! * [`models`] — SD-1.5 networks: CLIP text encoder, UNet, VAE.
 //! * [`noise`] — seeded, backend-independent Gaussian noise.
 //! * [`bench`] — kernel timings for comparing backends.
+//! * [`weights`] — safetensors loading with precise errors.
 //! * [`toy`] — the whole method on a 2-D conditional problem.
 
 pub mod bench;
 pub mod flow;
 pub mod losses;
 pub mod metrics;
+pub mod models;
 pub mod noise;
 pub mod solvers;
+pub mod tokenizer;
 pub mod toy;
 pub mod velocity;
+pub mod weights;
 
 #[cfg(test)]
 pub(crate) mod test_util;

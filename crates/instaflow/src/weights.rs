@@ -1,0 +1,210 @@
+//! Loading diffusers/transformers safetensors weights (f32, f16 or bf16; one file or shards with
+//! an index) into the models of [`crate::models`].
+//!
+//! burn-store reads tensors lazily from a memory map and converts them one at a time, so a 3.4 GB
+//! UNet is never held twice. Every problem is reported with the tensor names involved.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use burn::tensor::DType;
+use burn::tensor::backend::Backend;
+use burn_store::{
+    ApplyError, ChainAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter,
+    SafetensorsStore, TensorSnapshot,
+};
+
+/// What can go wrong when loading weights.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    /// No weights file in the folder.
+    #[error("no weights in {dir}: expected {expected}")]
+    NotFound {
+        /// The folder searched.
+        dir: PathBuf,
+        /// The file names tried.
+        expected: String,
+    },
+    /// The file cannot be read or is not valid safetensors.
+    #[error("{path}: {message}")]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// The file does not fit the model.
+    #[error("{path} does not match the model:{details}")]
+    Mismatch {
+        /// The file (or index).
+        path: PathBuf,
+        /// Missing, unexpected and mis-shaped tensors, one per line.
+        details: String,
+    },
+}
+
+/// Converts half-precision tensors to f32 as they are read (the models compute in f32).
+#[derive(Debug, Clone, Default)]
+struct ToF32;
+
+impl ModuleAdapter for ToF32 {
+    fn adapt(&self, snapshot: &TensorSnapshot) -> TensorSnapshot {
+        if !matches!(snapshot.dtype, DType::F16 | DType::BF16) {
+            return snapshot.clone();
+        }
+        let data = snapshot.clone_data_fn();
+        TensorSnapshot::from_closure(
+            Rc::new(move || Ok(data()?.convert_dtype(DType::F32))),
+            DType::F32,
+            snapshot.shape.clone(),
+            snapshot.path_stack.clone().unwrap_or_default(),
+            snapshot.container_stack.clone().unwrap_or_default(),
+            snapshot.tensor_id.unwrap_or_default(),
+        )
+    }
+
+    fn clone_box(&self) -> Box<dyn ModuleAdapter> {
+        Box::new(self.clone())
+    }
+}
+
+/// Checkpoint names that differ from the module paths: (regex on the file's names, replacement).
+const KEY_REMAPS: &[(&str, &str)] = &[
+    // GEGLU feed-forward: `ff.net.0.proj` / `ff.net.2` are stored in a PyTorch Sequential.
+    (r"\.ff\.net\.0\.proj\.", ".ff.proj_in."),
+    (r"\.ff\.net\.2\.", ".ff.proj_out."),
+    // VAE attention in checkpoints written before diffusers 0.14.
+    (r"(attentions\.\d+)\.query\.", "$1.to_q."),
+    (r"(attentions\.\d+)\.key\.", "$1.to_k."),
+    (r"(attentions\.\d+)\.value\.", "$1.to_v."),
+    (r"(attentions\.\d+)\.proj_attn\.", "$1.to_out.0."),
+];
+
+/// Tensors some checkpoints carry that are not weights.
+fn ignorable(name: &str) -> bool {
+    name.ends_with("position_ids")
+}
+
+/// The weight files of a model folder: `<stem>.safetensors`, or the shards listed in
+/// `<stem>.safetensors.index.json`. `stems` are tried in order (e.g. diffusers' and transformers').
+pub fn weight_files(dir: &Path, stems: &[&str]) -> Result<Vec<PathBuf>, WeightsError> {
+    for stem in stems {
+        let single = dir.join(format!("{stem}.safetensors"));
+        if single.is_file() {
+            return Ok(vec![single]);
+        }
+        let index = dir.join(format!("{stem}.safetensors.index.json"));
+        if index.is_file() {
+            let unreadable = |message: String| WeightsError::Unreadable {
+                path: index.clone(),
+                message,
+            };
+            let text = std::fs::read_to_string(&index).map_err(|e| unreadable(e.to_string()))?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| unreadable(format!("invalid JSON: {e}")))?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| unreadable("no `weight_map` object".into()))?;
+            let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+            if shards.is_empty() {
+                return Err(unreadable("`weight_map` lists no files".into()));
+            }
+            return Ok(shards.into_iter().map(|s| dir.join(s)).collect());
+        }
+    }
+    Err(WeightsError::NotFound {
+        dir: dir.to_path_buf(),
+        expected: stems
+            .iter()
+            .map(|s| format!("{s}.safetensors or {s}.safetensors.index.json"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
+fn list(title: &str, names: &[String], details: &mut String) {
+    if names.is_empty() {
+        return;
+    }
+    const SHOWN: usize = 12;
+    details.push_str(&format!("\n  {} {title}:", names.len()));
+    for n in names.iter().take(SHOWN) {
+        details.push_str(&format!("\n    {n}"));
+    }
+    if names.len() > SHOWN {
+        details.push_str(&format!("\n    … and {} more", names.len() - SHOWN));
+    }
+}
+
+/// Load `files` into `module`. Every parameter must be found exactly once with the right shape,
+/// and every tensor in the files must be used.
+pub fn load<B: Backend, M: ModuleSnapshot<B>>(module: &mut M, files: &[PathBuf]) -> Result<(), WeightsError> {
+    let mut applied = BTreeSet::new();
+    let mut missing = None::<BTreeSet<String>>;
+    let mut unexpected = Vec::new();
+    let mut bad = Vec::new();
+    for file in files {
+        let meta = std::fs::metadata(file).map_err(|e| WeightsError::Unreadable {
+            path: file.clone(),
+            message: e.to_string(),
+        })?;
+        if !meta.is_file() {
+            return Err(WeightsError::Unreadable {
+                path: file.clone(),
+                message: "not a file".into(),
+            });
+        }
+        let mut store = SafetensorsStore::from_file(file)
+            .with_from_adapter(ChainAdapter::new(PyTorchToBurnAdapter, ToF32))
+            .skip_enum_variants(true)
+            .allow_partial(true)
+            .validate(false);
+        for (from, to) in KEY_REMAPS {
+            store = store.with_key_remapping(*from, *to);
+        }
+        let result = module.load_from(&mut store).map_err(|e| WeightsError::Unreadable {
+            path: file.clone(),
+            message: describe_store_error(&e.to_string()),
+        })?;
+        applied.extend(result.applied.iter().cloned());
+        let now_missing: BTreeSet<String> = result.missing.iter().map(|(p, _)| p.clone()).collect();
+        missing = Some(match missing {
+            None => now_missing,
+            Some(m) => m.intersection(&now_missing).cloned().collect(),
+        });
+        unexpected.extend(result.unused.iter().filter(|n| !ignorable(n)).cloned());
+        for e in &result.errors {
+            bad.push(match e {
+                ApplyError::ShapeMismatch { path, expected, found } => {
+                    format!("{path}: expected shape {:?}, file has {:?}", expected.as_slice(), found.as_slice())
+                }
+                ApplyError::DTypeMismatch { path, expected, found } => {
+                    format!("{path}: expected {expected:?}, file has {found:?}")
+                }
+                other => other.to_string(),
+            });
+        }
+    }
+    let missing: Vec<String> = missing.unwrap_or_default().into_iter().filter(|m| !applied.contains(m)).collect();
+    if missing.is_empty() && unexpected.is_empty() && bad.is_empty() {
+        return Ok(());
+    }
+    let mut details = String::new();
+    list("tensors missing from the file", &missing, &mut details);
+    list("unexpected tensors in the file", &unexpected, &mut details);
+    list("tensors of the wrong shape or type", &bad, &mut details);
+    Err(WeightsError::Mismatch {
+        path: files.first().cloned().unwrap_or_default(),
+        details,
+    })
+}
+
+fn describe_store_error(message: &str) -> String {
+    if message.contains("HeaderTooLarge") || message.contains("InvalidHeader") || message.contains("MetadataIncompleteBuffer") {
+        format!("not a valid safetensors file (truncated or corrupt): {message}")
+    } else {
+        message.to_string()
+    }
+}
