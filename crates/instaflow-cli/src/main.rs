@@ -2,6 +2,7 @@
 
 mod backend;
 mod bench;
+mod generate;
 mod plots;
 mod toy;
 
@@ -26,6 +27,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Generate images from a text prompt with a diffusers-format InstaFlow model.
+    Generate(generate::GenerateArgs),
     /// The paper's Figure 4 at 2-D scale: train 1-RF on a label-conditioned mixture, reflow it into
     /// 2-RF, distill both into one-step generators; print a table and write PNG figures.
     Toy(toy::ToyArgs),
@@ -38,6 +41,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Generate(args) => generate::run(cli.backend, args),
         Command::Toy(args) => toy::run(cli.backend, args),
         Command::BenchBackends(args) => bench::run(args),
         Command::Backends => bench::list(),

@@ -39,6 +39,11 @@ pub fn unet_timestep(t: f64) -> f64 {
     UNET_TIMESTEPS * (1.0 - t)
 }
 
+/// [`unet_timestep`] for a batch of times: `τ = 1000·(1 − t)` element-wise.
+pub fn unet_timesteps<B: Backend>(t: Tensor<B, 1>) -> Tensor<B, 1> {
+    t.neg().add_scalar(1.0).mul_scalar(UNET_TIMESTEPS)
+}
+
 /// Inverse of [`unet_timestep`]: `t = 1 − τ/1000`.
 pub fn flow_time(tau: f64) -> f64 {
     1.0 - tau / UNET_TIMESTEPS

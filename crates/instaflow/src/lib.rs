@@ -11,6 +11,7 @@
 //! * [`losses`] — rectified-flow / reflow and distillation objectives.
 //! * [`metrics`] — straightness, transport cost, sliced Wasserstein.
 //! * [`models`] — SD-1.5 networks: CLIP text encoder, UNet, VAE.
+//! * [`pipeline`] — the InstaFlow sampling loop over a diffusers folder.
 //! * [`noise`] — seeded, backend-independent Gaussian noise.
 //! * [`bench`] — kernel timings for comparing backends.
 //! * [`weights`] — safetensors loading with precise errors.
@@ -22,6 +23,7 @@ pub mod losses;
 pub mod metrics;
 pub mod models;
 pub mod noise;
+pub mod pipeline;
 pub mod solvers;
 pub mod tokenizer;
 pub mod toy;

@@ -52,7 +52,11 @@ pub struct ClipTokenizer {
 
 impl std::fmt::Debug for ClipTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ClipTokenizer(bos {}, eos {}, pad {})", self.bos, self.eos, self.pad)
+        write!(
+            f,
+            "ClipTokenizer(bos {}, eos {}, pad {})",
+            self.bos, self.eos, self.pad
+        )
     }
 }
 
@@ -67,7 +71,8 @@ impl ClipTokenizer {
     /// Load from a diffusers `tokenizer/` folder. The pad token is read from
     /// `tokenizer_config.json` / `special_tokens_map.json` when present (SD-1.5 pads with EOS).
     pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
-        let read = |name: &str| std::fs::read_to_string(dir.join(name)).map_err(|e| invalid(name, e));
+        let read =
+            |name: &str| std::fs::read_to_string(dir.join(name)).map_err(|e| invalid(name, e));
         let pad_token = ["tokenizer_config.json", "special_tokens_map.json"]
             .iter()
             .filter_map(|f| std::fs::read_to_string(dir.join(f)).ok())
@@ -77,9 +82,14 @@ impl ClipTokenizer {
                 v => v.get("content")?.as_str().map(String::from),
             });
         if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
-            Self::from_vocab_merges(&read("vocab.json")?, &read("merges.txt")?, pad_token.as_deref())
+            Self::from_vocab_merges(
+                &read("vocab.json")?,
+                &read("merges.txt")?,
+                pad_token.as_deref(),
+            )
         } else if dir.join("tokenizer.json").is_file() {
-            let inner = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| invalid("tokenizer.json", e))?;
+            let inner = Tokenizer::from_file(dir.join("tokenizer.json"))
+                .map_err(|e| invalid("tokenizer.json", e))?;
             Self::wrap(inner, pad_token.as_deref(), "tokenizer.json")
         } else {
             Err(TokenizerError::NotFound(dir.display().to_string()))
@@ -87,49 +97,92 @@ impl ClipTokenizer {
     }
 
     /// Build from the contents of `vocab.json` and `merges.txt` (also used in the browser).
-    pub fn from_vocab_merges(vocab_json: &str, merges_txt: &str, pad_token: Option<&str>) -> Result<Self, TokenizerError> {
-        let vocab: HashMap<String, u32> = serde_json::from_str(vocab_json).map_err(|e| invalid("vocab.json", e))?;
+    pub fn from_vocab_merges(
+        vocab_json: &str,
+        merges_txt: &str,
+        pad_token: Option<&str>,
+    ) -> Result<Self, TokenizerError> {
+        let vocab: HashMap<String, u32> =
+            serde_json::from_str(vocab_json).map_err(|e| invalid("vocab.json", e))?;
         let merges = merges_txt
             .lines()
             .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
             .enumerate()
             .map(|(i, line)| match line.split_once(' ') {
                 Some((a, b)) => Ok((a.to_string(), b.to_string())),
-                None => Err(invalid("merges.txt", format!("line {}: expected two symbols, got {line:?}", i + 2))),
+                None => Err(invalid(
+                    "merges.txt",
+                    format!("line {}: expected two symbols, got {line:?}", i + 2),
+                )),
             })
             .collect::<Result<Vec<_>, _>>()?;
         let bpe = BPE::builder()
-            .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
+            .vocab_and_merges(
+                vocab
+                    .into_iter()
+                    .collect::<tokenizers::models::bpe::Vocab>(),
+                merges,
+            )
             .end_of_word_suffix("</w>".into())
             .unk_token(EOS.into())
             .build()
             .map_err(|e| invalid("vocab.json/merges.txt", e))?;
         let normalizer = NormalizerSequence::new(vec![
             NormalizerWrapper::NFC(NFC),
-            NormalizerWrapper::Replace(Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ").map_err(|e| invalid("normalizer", e))?),
+            NormalizerWrapper::Replace(
+                Replace::new(
+                    tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+                    " ",
+                )
+                .map_err(|e| invalid("normalizer", e))?,
+            ),
             NormalizerWrapper::Lowercase(Lowercase),
         ]);
         let pre = PreTokenizerSequence::new(vec![
             PreTokenizerWrapper::Split(
-                Split::new(SplitPattern::Regex(CLIP_PATTERN.into()), SplitDelimiterBehavior::Removed, true)
-                    .map_err(|e| invalid("pre-tokenizer", e))?,
+                Split::new(
+                    SplitPattern::Regex(CLIP_PATTERN.into()),
+                    SplitDelimiterBehavior::Removed,
+                    true,
+                )
+                .map_err(|e| invalid("pre-tokenizer", e))?,
             ),
             PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
         ]);
         let mut inner = Tokenizer::new(bpe);
-        inner.with_normalizer(Some(normalizer)).map_err(|e| invalid("normalizer", e))?;
+        inner
+            .with_normalizer(Some(normalizer))
+            .map_err(|e| invalid("normalizer", e))?;
         inner.with_pre_tokenizer(Some(pre));
         Self::wrap(inner, pad_token, "vocab.json")
     }
 
     fn wrap(inner: Tokenizer, pad_token: Option<&str>, file: &str) -> Result<Self, TokenizerError> {
-        let id = |t: &str| inner.token_to_id(t).ok_or_else(|| invalid(file, format!("the vocabulary has no {t} token")));
+        let id = |t: &str| {
+            inner
+                .token_to_id(t)
+                .ok_or_else(|| invalid(file, format!("the vocabulary has no {t} token")))
+        };
         Ok(Self {
             bos: id(BOS)?,
             eos: id(EOS)?,
             pad: id(pad_token.unwrap_or(EOS))?,
             inner,
         })
+    }
+
+    /// Id of the padding token.
+    pub fn pad_id(&self) -> u32 {
+        self.pad
+    }
+
+    /// Whether `prompt` has more tokens than fit (they are cut by [`Self::encode`]).
+    pub fn is_truncated(&self, prompt: &str) -> Result<bool, TokenizerError> {
+        let enc = self
+            .inner
+            .encode(prompt, false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(enc.get_ids().len() > MAX_LENGTH - 2)
     }
 
     /// Ids of `prompt`: `BOS`, at most 75 tokens, `EOS`, padding to 77 (longer prompts are cut).
@@ -154,7 +207,9 @@ mod tests {
     use super::*;
 
     fn repo(path: &str) -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(path)
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(path)
     }
 
     #[test]
@@ -165,7 +220,12 @@ mod tests {
         assert!(cases.len() >= 10);
         for case in cases {
             let prompt = case["prompt"].as_str().unwrap();
-            let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let want: Vec<u32> = case["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
             assert_eq!(tok.encode(prompt).unwrap(), want, "prompt {prompt:?}");
         }
     }
@@ -173,6 +233,9 @@ mod tests {
     #[test]
     fn missing_folder_is_a_clear_error() {
         let err = ClipTokenizer::from_dir(Path::new("/nonexistent/tokenizer")).unwrap_err();
-        assert!(err.to_string().contains("expected vocab.json + merges.txt"), "{err}");
+        assert!(
+            err.to_string().contains("expected vocab.json + merges.txt"),
+            "{err}"
+        );
     }
 }

@@ -81,6 +81,38 @@ const KEY_REMAPS: &[(&str, &str)] = &[
     (r"(attentions\.\d+)\.proj_attn\.", "$1.to_out.0."),
 ];
 
+/// Extra names for CLIP text encoders: transformers ≥ 5 saves `CLIPTextModel` without the
+/// `text_model.` prefix.
+pub const CLIP_REMAPS: &[(&str, &str)] = &[(
+    r"^(embeddings|encoder|final_layer_norm)\.",
+    "text_model.$1.",
+)];
+
+/// A file's tensor name as the module sees it, after [`KEY_REMAPS`].
+fn canonical(name: &str, extra: &[(&str, &str)]) -> String {
+    KEY_REMAPS
+        .iter()
+        .chain(extra)
+        .fold(name.to_string(), |n, (from, to)| {
+            regex::Regex::new(from)
+                .expect("valid remap pattern")
+                .replace(&n, *to)
+                .into_owned()
+        })
+}
+
+/// burn-store reports norm tensors loaded under burn's names (`gamma`/`beta`) as unused under
+/// PyTorch's (`weight`/`bias`); they are not unexpected if the burn name was applied.
+fn loaded_as_norm(name: &str, applied: &BTreeSet<String>, extra: &[(&str, &str)]) -> bool {
+    let n = canonical(name, extra);
+    [(".weight", ".gamma"), (".bias", ".beta")]
+        .iter()
+        .any(|(pt, burn)| {
+            n.strip_suffix(pt)
+                .is_some_and(|stem| applied.contains(&format!("{stem}{burn}")))
+        })
+}
+
 /// Tensors some checkpoints carry that are not weights.
 fn ignorable(name: &str) -> bool {
     name.ends_with("position_ids")
@@ -101,8 +133,8 @@ pub fn weight_files(dir: &Path, stems: &[&str]) -> Result<Vec<PathBuf>, WeightsE
                 message,
             };
             let text = std::fs::read_to_string(&index).map_err(|e| unreadable(e.to_string()))?;
-            let json: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| unreadable(format!("invalid JSON: {e}")))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| unreadable(format!("invalid JSON: {e}")))?;
             let map = json
                 .get("weight_map")
                 .and_then(|m| m.as_object())
@@ -139,8 +171,12 @@ fn list(title: &str, names: &[String], details: &mut String) {
 }
 
 /// Load `files` into `module`. Every parameter must be found exactly once with the right shape,
-/// and every tensor in the files must be used.
-pub fn load<B: Backend, M: ModuleSnapshot<B>>(module: &mut M, files: &[PathBuf]) -> Result<(), WeightsError> {
+/// and every tensor in the files must be used. `extra` adds name remappings (regex, replacement).
+pub fn load<B: Backend, M: ModuleSnapshot<B>>(
+    module: &mut M,
+    files: &[PathBuf],
+    extra: &[(&str, &str)],
+) -> Result<(), WeightsError> {
     let mut applied = BTreeSet::new();
     let mut missing = None::<BTreeSet<String>>;
     let mut unexpected = Vec::new();
@@ -161,33 +197,52 @@ pub fn load<B: Backend, M: ModuleSnapshot<B>>(module: &mut M, files: &[PathBuf])
             .skip_enum_variants(true)
             .allow_partial(true)
             .validate(false);
-        for (from, to) in KEY_REMAPS {
+        for (from, to) in KEY_REMAPS.iter().chain(extra) {
             store = store.with_key_remapping(*from, *to);
         }
-        let result = module.load_from(&mut store).map_err(|e| WeightsError::Unreadable {
-            path: file.clone(),
-            message: describe_store_error(&e.to_string()),
-        })?;
+        let result = module
+            .load_from(&mut store)
+            .map_err(|e| WeightsError::Unreadable {
+                path: file.clone(),
+                message: describe_store_error(&e.to_string()),
+            })?;
         applied.extend(result.applied.iter().cloned());
         let now_missing: BTreeSet<String> = result.missing.iter().map(|(p, _)| p.clone()).collect();
         missing = Some(match missing {
             None => now_missing,
             Some(m) => m.intersection(&now_missing).cloned().collect(),
         });
-        unexpected.extend(result.unused.iter().filter(|n| !ignorable(n)).cloned());
+        unexpected.extend(result.unused.iter().cloned());
         for e in &result.errors {
             bad.push(match e {
-                ApplyError::ShapeMismatch { path, expected, found } => {
-                    format!("{path}: expected shape {:?}, file has {:?}", expected.as_slice(), found.as_slice())
+                ApplyError::ShapeMismatch {
+                    path,
+                    expected,
+                    found,
+                } => {
+                    format!(
+                        "{path}: expected shape {:?}, file has {:?}",
+                        expected.as_slice(),
+                        found.as_slice()
+                    )
                 }
-                ApplyError::DTypeMismatch { path, expected, found } => {
+                ApplyError::DTypeMismatch {
+                    path,
+                    expected,
+                    found,
+                } => {
                     format!("{path}: expected {expected:?}, file has {found:?}")
                 }
                 other => other.to_string(),
             });
         }
     }
-    let missing: Vec<String> = missing.unwrap_or_default().into_iter().filter(|m| !applied.contains(m)).collect();
+    let missing: Vec<String> = missing
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| !applied.contains(m))
+        .collect();
+    unexpected.retain(|n| !ignorable(n) && !loaded_as_norm(n, &applied, extra));
     if missing.is_empty() && unexpected.is_empty() && bad.is_empty() {
         return Ok(());
     }
@@ -202,7 +257,10 @@ pub fn load<B: Backend, M: ModuleSnapshot<B>>(module: &mut M, files: &[PathBuf])
 }
 
 fn describe_store_error(message: &str) -> String {
-    if message.contains("HeaderTooLarge") || message.contains("InvalidHeader") || message.contains("MetadataIncompleteBuffer") {
+    if message.contains("HeaderTooLarge")
+        || message.contains("InvalidHeader")
+        || message.contains("MetadataIncompleteBuffer")
+    {
         format!("not a valid safetensors file (truncated or corrupt): {message}")
     } else {
         message.to_string()

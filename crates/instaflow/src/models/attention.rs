@@ -82,9 +82,15 @@ impl<B: Backend> Attention<B> {
         let inner = heads * dim_head;
         let kv = cross_dim.unwrap_or(query_dim);
         Self {
-            to_q: LinearConfig::new(query_dim, inner).with_bias(qkv_bias).init(device),
-            to_k: LinearConfig::new(kv, inner).with_bias(qkv_bias).init(device),
-            to_v: LinearConfig::new(kv, inner).with_bias(qkv_bias).init(device),
+            to_q: LinearConfig::new(query_dim, inner)
+                .with_bias(qkv_bias)
+                .init(device),
+            to_k: LinearConfig::new(kv, inner)
+                .with_bias(qkv_bias)
+                .init(device),
+            to_v: LinearConfig::new(kv, inner)
+                .with_bias(qkv_bias)
+                .init(device),
             to_out: vec![LinearConfig::new(inner, query_dim).init(device)],
             heads,
         }
@@ -142,7 +148,13 @@ pub struct BasicTransformerBlock<B: Backend> {
 
 impl<B: Backend> BasicTransformerBlock<B> {
     /// `dim = heads·dim_head`; `cross_dim` is the text-embedding size.
-    pub fn new(dim: usize, heads: usize, dim_head: usize, cross_dim: usize, device: &B::Device) -> Self {
+    pub fn new(
+        dim: usize,
+        heads: usize,
+        dim_head: usize,
+        cross_dim: usize,
+        device: &B::Device,
+    ) -> Self {
         Self {
             norm1: LayerNormConfig::new(dim).init(device),
             attn1: Attention::new(dim, None, heads, dim_head, false, device),
@@ -156,7 +168,10 @@ impl<B: Backend> BasicTransformerBlock<B> {
     /// Apply the block to `[B, S, dim]` attending to `context` `[B, T, cross_dim]`.
     pub fn forward(&self, x: Tensor<B, 3>, context: &Tensor<B, 3>) -> Tensor<B, 3> {
         let x = self.attn1.forward(self.norm1.forward(x.clone()), None) + x;
-        let x = self.attn2.forward(self.norm2.forward(x.clone()), Some(context)) + x;
+        let x = self
+            .attn2
+            .forward(self.norm2.forward(x.clone()), Some(context))
+            + x;
         self.ff.forward(self.norm3.forward(x.clone())) + x
     }
 }
@@ -212,7 +227,15 @@ impl<B: Backend> Transformer2DModel<B> {
             norm: group_norm(s.groups, channels, 1e-6, device),
             proj_in: proj(channels, inner),
             transformer_blocks: (0..s.layers)
-                .map(|_| BasicTransformerBlock::new(inner, s.heads, dim_head, s.cross_attention_dim, device))
+                .map(|_| {
+                    BasicTransformerBlock::new(
+                        inner,
+                        s.heads,
+                        dim_head,
+                        s.cross_attention_dim,
+                        device,
+                    )
+                })
                 .collect(),
             proj_out: proj(inner, channels),
         }
@@ -264,7 +287,11 @@ mod tests {
         let chunked = to_vec(scaled_dot_product(q.clone(), k.clone(), v.clone(), None));
         let scores = q.matmul(k.swap_dims(2, 3)) / (8f64).sqrt();
         let direct = to_vec(softmax(scores, 3).matmul(v));
-        let max = chunked.iter().zip(&direct).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let max = chunked
+            .iter()
+            .zip(&direct)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
         assert!(max < 1e-5, "{max}");
     }
 }

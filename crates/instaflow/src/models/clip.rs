@@ -72,14 +72,24 @@ impl ClipTextConfig {
             }
         };
         let (d, h) = (self.hidden_size, self.num_attention_heads);
-        require(h > 0 && d % h == 0, "num_attention_heads", h, "a divisor of hidden_size")?;
-        let ln = || LayerNormConfig::new(d).with_epsilon(self.layer_norm_eps).init(device);
+        require(
+            h > 0 && d % h == 0,
+            "num_attention_heads",
+            h,
+            "a divisor of hidden_size",
+        )?;
+        let ln = || {
+            LayerNormConfig::new(d)
+                .with_epsilon(self.layer_norm_eps)
+                .init(device)
+        };
         let lin = |i, o| LinearConfig::new(i, o).init(device);
         Ok(ClipTextModel {
             text_model: ClipTextTransformer {
                 embeddings: ClipEmbeddings {
                     token_embedding: EmbeddingConfig::new(self.vocab_size, d).init(device),
-                    position_embedding: EmbeddingConfig::new(self.max_position_embeddings, d).init(device),
+                    position_embedding: EmbeddingConfig::new(self.max_position_embeddings, d)
+                        .init(device),
                 },
                 encoder: ClipEncoder {
                     layers: (0..self.num_hidden_layers)
@@ -174,7 +184,10 @@ impl<B: Backend> ClipTextModel<B> {
         let device = ids.device();
         let positions = Tensor::<B, 1, Int>::arange(0..s as i64, &device).reshape([1, s]);
         let mut x = tm.embeddings.token_embedding.forward(ids)
-            + tm.embeddings.position_embedding.forward(positions).expand([b as i64, -1, -1]);
+            + tm.embeddings
+                .position_embedding
+                .forward(positions)
+                .expand([b as i64, -1, -1]);
         // Causal mask: token i sees tokens ≤ i.
         let mask = Tensor::<B, 2>::full([s, s], f32::MIN, &device).triu(1);
         for layer in &tm.encoder.layers {
@@ -183,9 +196,18 @@ impl<B: Backend> ClipTextModel<B> {
             let q = split_heads(a.q_proj.forward(h.clone()), a.heads);
             let k = split_heads(a.k_proj.forward(h.clone()), a.heads);
             let v = split_heads(a.v_proj.forward(h), a.heads);
-            x = x + a.out_proj.forward(merge_heads(scaled_dot_product(q, k, v, Some(mask.clone()))));
+            x = x + a.out_proj.forward(merge_heads(scaled_dot_product(
+                q,
+                k,
+                v,
+                Some(mask.clone()),
+            )));
             let h = layer.mlp.fc1.forward(layer.layer_norm2.forward(x.clone()));
-            let h = if layer.mlp.gelu_exact { gelu(h) } else { h.clone() * sigmoid(h * 1.702) };
+            let h = if layer.mlp.gelu_exact {
+                gelu(h)
+            } else {
+                h.clone() * sigmoid(h * 1.702)
+            };
             x = x + layer.mlp.fc2.forward(h);
         }
         tm.final_layer_norm.forward(x)

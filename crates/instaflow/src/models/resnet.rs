@@ -7,7 +7,6 @@ use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d
 use burn::tensor::activation::silu;
 use burn::tensor::{Tensor, backend::Backend};
 
-
 /// A `k×k` stride-1 convolution padded by `k/2` (diffusers' `conv1`, `conv_in`, …).
 pub fn conv2d<B: Backend>(in_ch: usize, out_ch: usize, k: usize, device: &B::Device) -> Conv2d<B> {
     let p = k / 2;
@@ -17,8 +16,15 @@ pub fn conv2d<B: Backend>(in_ch: usize, out_ch: usize, k: usize, device: &B::Dev
 }
 
 /// `torch.nn.GroupNorm(groups, channels, eps)`.
-pub fn group_norm<B: Backend>(groups: usize, channels: usize, eps: f64, device: &B::Device) -> GroupNorm<B> {
-    GroupNormConfig::new(groups, channels).with_epsilon(eps).init(device)
+pub fn group_norm<B: Backend>(
+    groups: usize,
+    channels: usize,
+    eps: f64,
+    device: &B::Device,
+) -> GroupNorm<B> {
+    GroupNormConfig::new(groups, channels)
+        .with_epsilon(eps)
+        .init(device)
 }
 
 /// Residual block with an optional time embedding (`time_embedding_norm = "default"`).
@@ -52,7 +58,9 @@ impl<B: Backend> ResnetBlock2D<B> {
         Self {
             norm1: group_norm(s.groups, in_ch, s.eps, device),
             conv1: conv2d(in_ch, out_ch, 3, device),
-            time_emb_proj: s.temb_channels.map(|t| LinearConfig::new(t, out_ch).init(device)),
+            time_emb_proj: s
+                .temb_channels
+                .map(|t| LinearConfig::new(t, out_ch).init(device)),
             norm2: group_norm(s.groups, out_ch, s.eps, device),
             conv2: conv2d(out_ch, out_ch, 3, device),
             conv_shortcut: (in_ch != out_ch).then(|| conv2d(in_ch, out_ch, 1, device)),

@@ -94,13 +94,23 @@ impl Default for UNet2DConditionConfig {
             out_channels: 4,
             flip_sin_to_cos: true,
             freq_shift: 0.0,
-            down_block_types: ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
-                .map(String::from)
-                .to_vec(),
+            down_block_types: [
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ]
+            .map(String::from)
+            .to_vec(),
             mid_block_type: Some("UNetMidBlock2DCrossAttn".into()),
-            up_block_types: ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-                .map(String::from)
-                .to_vec(),
+            up_block_types: [
+                "UpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+            ]
+            .map(String::from)
+            .to_vec(),
             block_out_channels: vec![320, 640, 1280, 1280],
             layers_per_block: OneOrMany::One(2),
             downsample_padding: 1,
@@ -194,29 +204,84 @@ impl UNet2DConditionConfig {
             "UNetMidBlock2DCrossAttn",
         )?;
         require(self.act_fn == "silu", "act_fn", &self.act_fn, "silu")?;
-        require(!self.center_input_sample, "center_input_sample", self.center_input_sample, "false")?;
+        require(
+            !self.center_input_sample,
+            "center_input_sample",
+            self.center_input_sample,
+            "false",
+        )?;
         require(
             self.only_cross_attention == serde_json::Value::Bool(false),
             "only_cross_attention",
             &self.only_cross_attention,
             "false",
         )?;
-        require(!self.dual_cross_attention, "dual_cross_attention", self.dual_cross_attention, "false")?;
+        require(
+            !self.dual_cross_attention,
+            "dual_cross_attention",
+            self.dual_cross_attention,
+            "false",
+        )?;
         require(
             self.resnet_time_scale_shift == "default",
             "resnet_time_scale_shift",
             &self.resnet_time_scale_shift,
             "default",
         )?;
-        require(self.time_embedding_type == "positional", "time_embedding_type", &self.time_embedding_type, "positional")?;
-        require(self.class_embed_type.is_none(), "class_embed_type", &self.class_embed_type, "null")?;
-        require(self.addition_embed_type.is_none(), "addition_embed_type", &self.addition_embed_type, "null")?;
-        require(self.conv_in_kernel == 3, "conv_in_kernel", self.conv_in_kernel, "3")?;
-        require(self.conv_out_kernel == 3, "conv_out_kernel", self.conv_out_kernel, "3")?;
-        require(self.time_cond_proj_dim.is_none(), "time_cond_proj_dim", self.time_cond_proj_dim, "null")?;
-        require(self.time_embedding_dim.is_none(), "time_embedding_dim", self.time_embedding_dim, "null")?;
-        require(self.timestep_post_act.is_none(), "timestep_post_act", &self.timestep_post_act, "null")?;
-        require(self.attention_type == "default", "attention_type", &self.attention_type, "default")?;
+        require(
+            self.time_embedding_type == "positional",
+            "time_embedding_type",
+            &self.time_embedding_type,
+            "positional",
+        )?;
+        require(
+            self.class_embed_type.is_none(),
+            "class_embed_type",
+            &self.class_embed_type,
+            "null",
+        )?;
+        require(
+            self.addition_embed_type.is_none(),
+            "addition_embed_type",
+            &self.addition_embed_type,
+            "null",
+        )?;
+        require(
+            self.conv_in_kernel == 3,
+            "conv_in_kernel",
+            self.conv_in_kernel,
+            "3",
+        )?;
+        require(
+            self.conv_out_kernel == 3,
+            "conv_out_kernel",
+            self.conv_out_kernel,
+            "3",
+        )?;
+        require(
+            self.time_cond_proj_dim.is_none(),
+            "time_cond_proj_dim",
+            self.time_cond_proj_dim,
+            "null",
+        )?;
+        require(
+            self.time_embedding_dim.is_none(),
+            "time_embedding_dim",
+            self.time_embedding_dim,
+            "null",
+        )?;
+        require(
+            self.timestep_post_act.is_none(),
+            "timestep_post_act",
+            &self.timestep_post_act,
+            "null",
+        )?;
+        require(
+            self.attention_type == "default",
+            "attention_type",
+            &self.attention_type,
+            "default",
+        )?;
         let heads = self
             .num_attention_heads
             .as_ref()
@@ -236,11 +301,21 @@ impl UNet2DConditionConfig {
             }
         }
         Ok(Resolved {
-            cross_attn_down: self.down_block_types.iter().map(down).collect::<Result<_, _>>()?,
-            cross_attn_up: self.up_block_types.iter().map(up).collect::<Result<_, _>>()?,
+            cross_attn_down: self
+                .down_block_types
+                .iter()
+                .map(down)
+                .collect::<Result<_, _>>()?,
+            cross_attn_up: self
+                .up_block_types
+                .iter()
+                .map(up)
+                .collect::<Result<_, _>>()?,
             heads,
             layers: self.layers_per_block.per_block(n, "layers_per_block")?,
-            cross_dim: self.cross_attention_dim.per_block(n, "cross_attention_dim")?,
+            cross_dim: self
+                .cross_attention_dim
+                .per_block(n, "cross_attention_dim")?,
             transformer_layers: self
                 .transformer_layers_per_block
                 .per_block(n, "transformer_layers_per_block")?,
@@ -248,7 +323,10 @@ impl UNet2DConditionConfig {
     }
 
     /// Build the model with freshly initialised weights on `device`.
-    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<UNet2DConditionModel<B>, ConfigError> {
+    pub fn init<B: Backend>(
+        &self,
+        device: &B::Device,
+    ) -> Result<UNet2DConditionModel<B>, ConfigError> {
         let r = self.resolve()?;
         let boc = &self.block_out_channels;
         let n = boc.len();
@@ -346,8 +424,18 @@ pub struct UNet2DConditionModel<B: Backend> {
 
 impl<B: Backend> UNet2DConditionModel<B> {
     /// `sample` `[B, 4, h, w]`, float UNet timesteps `[B]` (τ ∈ [0, 1000]), text `[B, 77, D]`.
-    pub fn forward(&self, sample: Tensor<B, 4>, timesteps: Tensor<B, 1>, context: &Tensor<B, 3>) -> Tensor<B, 4> {
-        let t = timestep_embedding(timesteps, self.time_proj_dim, self.flip_sin_to_cos, self.freq_shift);
+    pub fn forward(
+        &self,
+        sample: Tensor<B, 4>,
+        timesteps: Tensor<B, 1>,
+        context: &Tensor<B, 3>,
+    ) -> Tensor<B, 4> {
+        let t = timestep_embedding(
+            timesteps,
+            self.time_proj_dim,
+            self.flip_sin_to_cos,
+            self.freq_shift,
+        );
         let temb = self.time_embedding.forward(t);
 
         let mut x = self.conv_in.forward(sample);

@@ -35,10 +35,19 @@ impl<B: Backend> DownBlock2D<B> {
     pub fn new(in_ch: usize, out_ch: usize, s: BlockSettings, device: &B::Device) -> Self {
         Self {
             resnets: (0..s.layers)
-                .map(|j| ResnetBlock2D::new(if j == 0 { in_ch } else { out_ch }, out_ch, s.resnet, device))
+                .map(|j| {
+                    ResnetBlock2D::new(
+                        if j == 0 { in_ch } else { out_ch },
+                        out_ch,
+                        s.resnet,
+                        device,
+                    )
+                })
                 .collect(),
             attentions: match s.transformer {
-                Some(t) => (0..s.layers).map(|_| Transformer2DModel::new(out_ch, t, device)).collect(),
+                Some(t) => (0..s.layers)
+                    .map(|_| Transformer2DModel::new(out_ch, t, device))
+                    .collect(),
                 None => Vec::new(),
             },
             downsamplers: if s.resample {
@@ -82,20 +91,36 @@ pub struct UpBlock2D<B: Backend> {
 
 impl<B: Backend> UpBlock2D<B> {
     /// Build an up block: `prev_ch` from below, skips of `skip_in_ch` (last layer) / `out_ch`.
-    pub fn new(prev_ch: usize, skip_in_ch: usize, out_ch: usize, s: BlockSettings, device: &B::Device) -> Self {
+    pub fn new(
+        prev_ch: usize,
+        skip_in_ch: usize,
+        out_ch: usize,
+        s: BlockSettings,
+        device: &B::Device,
+    ) -> Self {
         Self {
             resnets: (0..s.layers)
                 .map(|j| {
-                    let skip = if j == s.layers - 1 { skip_in_ch } else { out_ch };
+                    let skip = if j == s.layers - 1 {
+                        skip_in_ch
+                    } else {
+                        out_ch
+                    };
                     let input = if j == 0 { prev_ch } else { out_ch };
                     ResnetBlock2D::new(input + skip, out_ch, s.resnet, device)
                 })
                 .collect(),
             attentions: match s.transformer {
-                Some(t) => (0..s.layers).map(|_| Transformer2DModel::new(out_ch, t, device)).collect(),
+                Some(t) => (0..s.layers)
+                    .map(|_| Transformer2DModel::new(out_ch, t, device))
+                    .collect(),
                 None => Vec::new(),
             },
-            upsamplers: if s.resample { vec![Upsample2D::new(out_ch, device)] } else { Vec::new() },
+            upsamplers: if s.resample {
+                vec![Upsample2D::new(out_ch, device)]
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -137,13 +162,31 @@ pub struct CoderBlock2D<B: Backend> {
 
 impl<B: Backend> CoderBlock2D<B> {
     /// `DownEncoderBlock2D` (downsampling with padding 0) or `UpDecoderBlock2D` (upsampling).
-    pub fn new(in_ch: usize, out_ch: usize, layers: usize, up: bool, resample: bool, resnet: ResnetSettings, device: &B::Device) -> Self {
+    pub fn new(
+        in_ch: usize,
+        out_ch: usize,
+        layers: usize,
+        up: bool,
+        resample: bool,
+        resnet: ResnetSettings,
+        device: &B::Device,
+    ) -> Self {
         Self {
             resnets: (0..layers)
-                .map(|j| ResnetBlock2D::new(if j == 0 { in_ch } else { out_ch }, out_ch, resnet, device))
+                .map(|j| {
+                    ResnetBlock2D::new(if j == 0 { in_ch } else { out_ch }, out_ch, resnet, device)
+                })
                 .collect(),
-            downsamplers: if resample && !up { vec![Downsample2D::new(out_ch, 0, device)] } else { Vec::new() },
-            upsamplers: if resample && up { vec![Upsample2D::new(out_ch, device)] } else { Vec::new() },
+            downsamplers: if resample && !up {
+                vec![Downsample2D::new(out_ch, 0, device)]
+            } else {
+                Vec::new()
+            },
+            upsamplers: if resample && up {
+                vec![Upsample2D::new(out_ch, device)]
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -171,15 +214,27 @@ pub struct MidBlock2DCrossAttn<B: Backend> {
 
 impl<B: Backend> MidBlock2DCrossAttn<B> {
     /// Build with one transformer/resnet pair (SD's `num_layers = 1`).
-    pub fn new(ch: usize, t: TransformerSettings, resnet: ResnetSettings, device: &B::Device) -> Self {
+    pub fn new(
+        ch: usize,
+        t: TransformerSettings,
+        resnet: ResnetSettings,
+        device: &B::Device,
+    ) -> Self {
         Self {
-            resnets: (0..2).map(|_| ResnetBlock2D::new(ch, ch, resnet, device)).collect(),
+            resnets: (0..2)
+                .map(|_| ResnetBlock2D::new(ch, ch, resnet, device))
+                .collect(),
             attentions: vec![Transformer2DModel::new(ch, t, device)],
         }
     }
 
     /// Apply the block.
-    pub fn forward(&self, x: Tensor<B, 4>, temb: &Tensor<B, 2>, context: &Tensor<B, 3>) -> Tensor<B, 4> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 4>,
+        temb: &Tensor<B, 2>,
+        context: &Tensor<B, 3>,
+    ) -> Tensor<B, 4> {
         let mut x = self.resnets[0].forward(x, Some(temb));
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
             x = resnet.forward(attn.forward(x, context), Some(temb));

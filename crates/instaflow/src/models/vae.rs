@@ -87,13 +87,28 @@ impl AutoencoderKLConfig {
             ));
         }
         for t in &self.down_block_types {
-            require(t == "DownEncoderBlock2D", "down_block_types", t, "DownEncoderBlock2D")?;
+            require(
+                t == "DownEncoderBlock2D",
+                "down_block_types",
+                t,
+                "DownEncoderBlock2D",
+            )?;
         }
         for t in &self.up_block_types {
-            require(t == "UpDecoderBlock2D", "up_block_types", t, "UpDecoderBlock2D")?;
+            require(
+                t == "UpDecoderBlock2D",
+                "up_block_types",
+                t,
+                "UpDecoderBlock2D",
+            )?;
         }
         require(self.act_fn == "silu", "act_fn", &self.act_fn, "silu")?;
-        require(self.shift_factor.is_none(), "shift_factor", self.shift_factor, "null")?;
+        require(
+            self.shift_factor.is_none(),
+            "shift_factor",
+            self.shift_factor,
+            "null",
+        )?;
         for &c in &self.block_out_channels {
             if c % self.norm_num_groups != 0 {
                 return Err(ConfigError::Invalid(format!(
@@ -125,7 +140,15 @@ impl AutoencoderKLConfig {
         for (i, &c) in boc.iter().enumerate() {
             let input = out;
             out = c;
-            down_blocks.push(CoderBlock2D::new(input, out, self.layers_per_block, false, i + 1 < n, resnet, device));
+            down_blocks.push(CoderBlock2D::new(
+                input,
+                out,
+                self.layers_per_block,
+                false,
+                i + 1 < n,
+                resnet,
+                device,
+            ));
         }
         let encoder = Encoder {
             conv_in: conv2d(self.in_channels, boc[0], 3, device),
@@ -140,7 +163,15 @@ impl AutoencoderKLConfig {
         for i in 0..n {
             let input = out;
             out = boc[n - 1 - i];
-            up_blocks.push(CoderBlock2D::new(input, out, self.layers_per_block + 1, true, i + 1 < n, resnet, device));
+            up_blocks.push(CoderBlock2D::new(
+                input,
+                out,
+                self.layers_per_block + 1,
+                true,
+                i + 1 < n,
+                resnet,
+                device,
+            ));
         }
         let decoder = Decoder {
             conv_in: conv2d(self.latent_channels, top, 3, device),
@@ -153,7 +184,9 @@ impl AutoencoderKLConfig {
         Ok(AutoencoderKL {
             encoder,
             decoder,
-            quant_conv: self.use_quant_conv.then(|| conv2d(2 * lc, 2 * lc, 1, device)),
+            quant_conv: self
+                .use_quant_conv
+                .then(|| conv2d(2 * lc, 2 * lc, 1, device)),
             post_quant_conv: self.use_post_quant_conv.then(|| conv2d(lc, lc, 1, device)),
             scaling_factor: self.scaling_factor,
         })
@@ -184,7 +217,11 @@ impl<B: Backend> SpatialAttention<B> {
 
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
-        let tokens = self.group_norm.forward(x.clone()).reshape([b, c, h * w]).swap_dims(1, 2);
+        let tokens = self
+            .group_norm
+            .forward(x.clone())
+            .reshape([b, c, h * w])
+            .swap_dims(1, 2);
         let q = split_heads(self.to_q.forward(tokens.clone()), 1);
         let k = split_heads(self.to_k.forward(tokens.clone()), 1);
         let v = split_heads(self.to_v.forward(tokens), 1);
@@ -203,8 +240,14 @@ pub struct MidBlock2D<B: Backend> {
 impl<B: Backend> MidBlock2D<B> {
     fn new(ch: usize, attention: bool, resnet: ResnetSettings, device: &B::Device) -> Self {
         Self {
-            resnets: (0..2).map(|_| ResnetBlock2D::new(ch, ch, resnet, device)).collect(),
-            attentions: if attention { vec![SpatialAttention::new(ch, resnet.groups, device)] } else { Vec::new() },
+            resnets: (0..2)
+                .map(|_| ResnetBlock2D::new(ch, ch, resnet, device))
+                .collect(),
+            attentions: if attention {
+                vec![SpatialAttention::new(ch, resnet.groups, device)]
+            } else {
+                Vec::new()
+            },
         }
     }
 

@@ -1,0 +1,317 @@
+//! `instaflow generate`: text to image with an InstaFlow (or any SD-1.5-structured rectified-flow)
+//! diffusers folder.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use clap::Args;
+use instaflow::pipeline::{GenerateOptions, InstaFlowPipeline, to_rgb8};
+use instaflow::solvers::euler;
+use instaflow::velocity::Guided;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::backend::{BackendChoice, resolve};
+use crate::with_backend;
+
+/// Options of `instaflow generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// The text prompt (longer prompts are cut to CLIP's 75 tokens, with a warning).
+    prompt: String,
+    /// A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/), e.g. a local
+    /// copy of XCLiu/instaflow_0_9B_from_sd_1_5.
+    #[arg(long)]
+    model: PathBuf,
+    /// Euler steps N (InstaFlow one-step models: 1; 2-rectified-flow models: 10–25).
+    #[arg(long, default_value_t = 1)]
+    steps: usize,
+    /// Guidance α of the paper: v = α·v(text) + (1 − α)·v(negative). 1 is plain conditional (one
+    /// UNet call per step). diffusers' `guidance_scale` ≤ 1 means α = 1.
+    #[arg(long, default_value_t = 1.0)]
+    guidance: f64,
+    /// Prompt of the negative/null branch of guidance (used only when α ≠ 1).
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    /// Seed of the initial noise.
+    #[arg(long, default_value_t = 0, conflicts_with = "noise")]
+    seed: u64,
+    /// Initial latents: a safetensors file with one f32 tensor [B, 4, h, w] (sets size and batch).
+    #[arg(long)]
+    noise: Option<PathBuf>,
+    /// Image width in pixels (default: the UNet's sample_size × 8).
+    #[arg(long)]
+    width: Option<usize>,
+    /// Image height in pixels (default: the UNet's sample_size × 8).
+    #[arg(long)]
+    height: Option<usize>,
+    /// Number of images.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Output PNG (with --batch > 1: out-0.png, out-1.png, …).
+    #[arg(long, default_value = "instaflow.png")]
+    out: PathBuf,
+    /// Also write the final latents (before decoding) as an f32 tensor named `latents`.
+    #[arg(long)]
+    save_latents: Option<PathBuf>,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `out.png` → `out-3.png` when there are several images.
+fn indexed(path: &Path, i: usize, n: usize) -> PathBuf {
+    if n == 1 {
+        return path.to_path_buf();
+    }
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = match path.extension() {
+        Some(ext) => format!("{stem}-{i}.{}", ext.to_string_lossy()),
+        None => format!("{stem}-{i}"),
+    };
+    path.with_file_name(name)
+}
+
+/// Write via a temporary file and rename, so a failure never leaves a partial file at `path`.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    fs::write(&tmp, bytes).with_context(|| format!("writing {}", path.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The initial latents from `--noise`: one finite f32 tensor of rank 4.
+fn read_noise(path: &Path, channels: usize) -> Result<(Vec<usize>, Vec<f32>)> {
+    let bytes = fs::read(path).with_context(|| format!("--noise {}", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "--noise {}: not a valid safetensors file ({e})",
+            path.display()
+        )
+    })?;
+    let names = st.names();
+    ensure!(
+        names.len() == 1,
+        "--noise {}: expected exactly one tensor, found {}",
+        path.display(),
+        names.len()
+    );
+    let t = st.tensor(names[0])?;
+    ensure!(
+        t.dtype() == Dtype::F32,
+        "--noise {}: tensor `{}` is {:?}, expected F32",
+        path.display(),
+        names[0],
+        t.dtype()
+    );
+    let shape = t.shape().to_vec();
+    ensure!(
+        shape.len() == 4 && shape[1] == channels && shape.iter().all(|&d| d > 0),
+        "--noise {}: tensor `{}` has shape {shape:?}, expected [B, {channels}, h, w]",
+        path.display(),
+        names[0]
+    );
+    let values: Vec<f32> = t
+        .data()
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .collect();
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "--noise {}: value {i} is {} (noise must be finite)",
+            path.display(),
+            values[i]
+        );
+    }
+    Ok((shape, values))
+}
+
+/// Run `instaflow generate`.
+pub fn run(choice: BackendChoice, args: GenerateArgs) -> Result<()> {
+    ensure!(
+        !args.prompt.trim().is_empty(),
+        "the prompt is empty (give a text, e.g. \"red heart\")"
+    );
+    ensure!(args.steps >= 1, "--steps must be at least 1");
+    ensure!(
+        args.guidance.is_finite(),
+        "--guidance must be a finite number"
+    );
+    ensure!(args.batch >= 1, "--batch must be at least 1");
+    ensure!(
+        args.out
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("png")),
+        "--out {}: the output must be a .png file",
+        args.out.display()
+    );
+    ensure!(
+        args.model.is_dir(),
+        "--model {}: no such folder",
+        args.model.display()
+    );
+    let selected = resolve(choice)?;
+    with_backend!(&selected, B, device => generate::<B>(&args, &device, selected.name()))
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+fn generate<B: Backend>(args: &GenerateArgs, device: &B::Device, backend: &str) -> Result<()> {
+    let total = Instant::now();
+    let t = Instant::now();
+    let pipe = InstaFlowPipeline::<B>::load(&args.model, device)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let load_ms = ms(t);
+    eprintln!("loaded {} in {:.1} s", args.model.display(), load_ms / 1e3);
+
+    let channels = pipe.unet_config.in_channels;
+    let multiple = pipe.vae_scale << (pipe.unet_config.block_out_channels.len() - 1);
+    let (noise_shape, noise) = match &args.noise {
+        Some(path) => {
+            let (shape, values) = read_noise(path, channels)?;
+            ensure!(
+                args.batch == 1 || args.batch == shape[0],
+                "--batch {} disagrees with the {} latents in --noise",
+                args.batch,
+                shape[0]
+            );
+            (shape, values)
+        }
+        None => {
+            let (lh, lw) = pipe.unet_config.latent_size();
+            let width = args.width.unwrap_or(lw * pipe.vae_scale);
+            let height = args.height.unwrap_or(lh * pipe.vae_scale);
+            for (name, v) in [("--width", width), ("--height", height)] {
+                ensure!(
+                    v > 0 && v % multiple == 0,
+                    "{name} {v}: must be a positive multiple of {multiple} for this model"
+                );
+            }
+            let shape = vec![
+                args.batch,
+                channels,
+                height / pipe.vae_scale,
+                width / pipe.vae_scale,
+            ];
+            let n = shape.iter().product();
+            (
+                shape,
+                instaflow::noise::standard_normal(&mut instaflow::noise::rng(args.seed), n),
+            )
+        }
+    };
+    let [b, _, h, w] = [
+        noise_shape[0],
+        noise_shape[1],
+        noise_shape[2],
+        noise_shape[3],
+    ];
+    ensure!(
+        h * pipe.vae_scale % multiple == 0 && w * pipe.vae_scale % multiple == 0,
+        "latents {h}×{w}: the size must be a multiple of {} for this model",
+        multiple / pipe.vae_scale
+    );
+
+    let t = Instant::now();
+    if pipe.tokenizer.is_truncated(&args.prompt)? {
+        eprintln!("warning: the prompt is longer than CLIP's 75 tokens; the rest is ignored");
+    }
+    let prompts = vec![args.prompt.as_str(); b];
+    let text = pipe.encode_prompts(&prompts, device)?;
+    let negatives = vec![args.negative_prompt.as_str(); b];
+    let negative = pipe.encode_prompts(&negatives, device)?;
+    let text_ms = ms(t);
+    eprintln!("text encoded in {text_ms:.0} ms");
+
+    let z0 = Tensor::<B, 4>::from_data(TensorData::new(noise, noise_shape.clone()), device);
+    let opts = GenerateOptions {
+        steps: args.steps,
+        guidance: args.guidance,
+    };
+    let ode = Guided::with_guidance(&pipe.unet, &text, &negative, opts.guidance);
+    let mut step_ms = Vec::with_capacity(opts.steps);
+    let mut z = z0;
+    for i in 0..opts.steps {
+        let t = Instant::now();
+        let t0 = i as f64 / opts.steps as f64;
+        z = euler(&ode, z, t0, t0 + 1.0 / opts.steps as f64, 1, false).x;
+        // Reading one value waits for the step to finish, so the timing is honest on GPUs.
+        let _ = z.clone().slice([0..1, 0..1, 0..1, 0..1]).into_data();
+        step_ms.push(ms(t));
+        eprintln!(
+            "UNet step {}/{} ({} evaluation(s)) in {:.0} ms",
+            i + 1,
+            opts.steps,
+            ode.evals_per_call(),
+            step_ms[i]
+        );
+    }
+    let t = Instant::now();
+    let images = to_rgb8(pipe.decode(z.clone()));
+    let decode_ms = ms(t);
+    eprintln!("decoded in {decode_ms:.0} ms");
+
+    let (hh, ww) = (h * pipe.vae_scale, w * pipe.vae_scale);
+    let mut outputs = Vec::new();
+    let mut latents_out = Vec::new();
+    for (i, rgb) in images.into_iter().enumerate() {
+        let path = indexed(&args.out, i, b);
+        let mut png = Vec::new();
+        image::ImageEncoder::write_image(
+            image::codecs::png::PngEncoder::new(&mut png),
+            &rgb,
+            ww as u32,
+            hh as u32,
+            image::ColorType::Rgb8,
+        )
+        .context("encoding PNG")?;
+        write_atomic(&path, &png)?;
+        outputs.push(path.display().to_string());
+        if let Some(lat) = &args.save_latents {
+            let path = indexed(lat, i, b);
+            let one: Vec<f32> = z
+                .clone()
+                .slice([i..i + 1, 0..channels, 0..h, 0..w])
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .expect("f32");
+            let bytes: Vec<u8> = one.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let view =
+                safetensors::tensor::TensorView::new(Dtype::F32, vec![1, channels, h, w], &bytes)?;
+            write_atomic(&path, &safetensors::serialize([("latents", view)], None)?)?;
+            latents_out.push(path.display().to_string());
+        }
+    }
+    let total_ms = ms(total);
+    if args.json {
+        let summary = serde_json::json!({
+            "prompt": args.prompt, "negative_prompt": args.negative_prompt, "model": args.model,
+            "backend": backend, "steps": opts.steps, "guidance": opts.guidance,
+            "seed": if args.noise.is_some() { None } else { Some(args.seed) },
+            "width": ww, "height": hh, "batch": b, "outputs": outputs, "latents": latents_out,
+            "timings_ms": { "load": load_ms, "text_encode": text_ms, "unet_steps": step_ms, "decode": decode_ms, "total": total_ms },
+        });
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        for o in &outputs {
+            println!("{o}");
+        }
+    }
+    Ok(())
+}

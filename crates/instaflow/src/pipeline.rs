@@ -1,0 +1,242 @@
+//! The InstaFlow text-to-image pipeline over a diffusers folder (`pipeline_rf.py`).
+//!
+//! ```text
+//! z = noise;  for i in 0..N:  τ = 1000·(1 − i/N);  v = UNet(z, τ, text)
+//!                             if α ≠ 1: v = v_neg + α·(v − v_neg)
+//!                             z = z + v/N
+//! image = clamp(VAE.decode(z / scaling_factor)/2 + 0.5, 0, 1)
+//! ```
+//! The loop is the crate's Euler solver on the UNet viewed as a [`VelocityField`].
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
+use serde::de::DeserializeOwned;
+
+use crate::flow::unet_timesteps;
+use crate::models::config::ConfigError;
+use crate::models::{
+    AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, UNet2DConditionConfig,
+    UNet2DConditionModel,
+};
+use crate::solvers::euler;
+use crate::tokenizer::{ClipTokenizer, TokenizerError};
+use crate::velocity::{Guided, VelocityField};
+use crate::weights::{self, WeightsError};
+
+/// Why a model folder could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A file or folder is missing.
+    #[error("{0} not found")]
+    Missing(PathBuf),
+    /// A config file is unreadable or not the expected JSON.
+    #[error("{path}: {message}")]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A config asks for something unsupported.
+    #[error("{path}: {source}")]
+    Unsupported {
+        /// The config file.
+        path: PathBuf,
+        /// The problem.
+        source: ConfigError,
+    },
+    /// Weights problem.
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    /// Tokenizer problem.
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+}
+
+/// Read a component's `config.json`.
+pub fn read_config<T: DeserializeOwned>(dir: &Path) -> Result<T, LoadError> {
+    let path = dir.join("config.json");
+    if !dir.is_dir() {
+        return Err(LoadError::Missing(dir.to_path_buf()));
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| LoadError::Config {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    serde_json::from_str(&text).map_err(|e| LoadError::Config {
+        path,
+        message: format!("invalid config: {e}"),
+    })
+}
+
+fn unsupported(dir: &Path) -> impl FnOnce(ConfigError) -> LoadError + '_ {
+    move |source| LoadError::Unsupported {
+        path: dir.join("config.json"),
+        source,
+    }
+}
+
+/// Load `unet/` of a diffusers folder.
+pub fn load_unet<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(UNet2DConditionConfig, UNet2DConditionModel<B>), LoadError> {
+    let cfg: UNet2DConditionConfig = read_config(dir)?;
+    let mut model = cfg.init::<B>(device).map_err(unsupported(dir))?;
+    weights::load(
+        &mut model,
+        &weights::weight_files(dir, &["diffusion_pytorch_model", "model"])?,
+        &[],
+    )?;
+    Ok((cfg, model))
+}
+
+/// Load `vae/` of a diffusers folder.
+pub fn load_vae<B: Backend>(dir: &Path, device: &B::Device) -> Result<AutoencoderKL<B>, LoadError> {
+    let cfg: AutoencoderKLConfig = read_config(dir)?;
+    let mut model = cfg.init::<B>(device).map_err(unsupported(dir))?;
+    weights::load(
+        &mut model,
+        &weights::weight_files(dir, &["diffusion_pytorch_model", "model"])?,
+        &[],
+    )?;
+    Ok(model)
+}
+
+/// Load `text_encoder/` of a diffusers folder.
+pub fn load_text_encoder<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<ClipTextModel<B>, LoadError> {
+    let cfg: ClipTextConfig = read_config(dir)?;
+    let mut model = cfg.init::<B>(device).map_err(unsupported(dir))?;
+    weights::load(
+        &mut model,
+        &weights::weight_files(dir, &["model", "pytorch_model"])?,
+        weights::CLIP_REMAPS,
+    )?;
+    Ok(model)
+}
+
+impl<B: Backend> VelocityField<B, 4> for UNet2DConditionModel<B> {
+    /// Text embeddings `[B, 77, D]`.
+    type Cond = Tensor<B, 3>;
+
+    fn velocity(&self, x: Tensor<B, 4>, t: Tensor<B, 1>, text: &Tensor<B, 3>) -> Tensor<B, 4> {
+        self.forward(x, unet_timesteps(t), text)
+    }
+}
+
+/// Settings of one generation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GenerateOptions {
+    /// Euler steps N (1 for InstaFlow's one-step models).
+    pub steps: usize,
+    /// Guidance α (1 = plain conditional: one UNet evaluation per step).
+    pub guidance: f64,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            steps: 1,
+            guidance: 1.0,
+        }
+    }
+}
+
+/// Tokenizer, text encoder, UNet and VAE of one diffusers folder.
+#[derive(Debug)]
+pub struct InstaFlowPipeline<B: Backend> {
+    /// The tokenizer.
+    pub tokenizer: ClipTokenizer,
+    /// The text encoder.
+    pub text_encoder: ClipTextModel<B>,
+    /// The velocity UNet.
+    pub unet: UNet2DConditionModel<B>,
+    /// The autoencoder.
+    pub vae: AutoencoderKL<B>,
+    /// The UNet's config.
+    pub unet_config: UNet2DConditionConfig,
+    /// Latent-to-pixel scale (8 for SD).
+    pub vae_scale: usize,
+}
+
+impl<B: Backend> InstaFlowPipeline<B> {
+    /// Load every component of the diffusers folder `dir`.
+    pub fn load(dir: &Path, device: &B::Device) -> Result<Self, LoadError> {
+        if !dir.is_dir() {
+            return Err(LoadError::Missing(dir.to_path_buf()));
+        }
+        let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
+        let text_encoder = load_text_encoder(&dir.join("text_encoder"), device)?;
+        let (unet_config, unet) = load_unet(&dir.join("unet"), device)?;
+        let vae_cfg: AutoencoderKLConfig = read_config(&dir.join("vae"))?;
+        let vae = load_vae(&dir.join("vae"), device)?;
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            unet_config,
+            vae_scale: 1 << (vae_cfg.block_out_channels.len() - 1),
+        })
+    }
+
+    /// Text embeddings `[B, 77, D]` of `prompts`.
+    pub fn encode_prompts(
+        &self,
+        prompts: &[&str],
+        device: &B::Device,
+    ) -> Result<Tensor<B, 3>, TokenizerError> {
+        let mut ids = Vec::new();
+        for p in prompts {
+            ids.extend(self.tokenizer.encode(p)?.into_iter().map(i64::from));
+        }
+        let n = prompts.len();
+        let ids = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(ids, [n, crate::tokenizer::MAX_LENGTH]),
+            device,
+        );
+        Ok(self.text_encoder.forward(ids))
+    }
+
+    /// Run the sampling loop from `noise` `[B, 4, h, w]`; returns the final latents.
+    pub fn sample(
+        &self,
+        noise: Tensor<B, 4>,
+        text: &Tensor<B, 3>,
+        negative: &Tensor<B, 3>,
+        opts: GenerateOptions,
+    ) -> Tensor<B, 4> {
+        let ode = Guided::with_guidance(&self.unet, text, negative, opts.guidance);
+        euler(&ode, noise, 0.0, 1.0, opts.steps, false).x
+    }
+
+    /// Decode latents to pixels in [0, 1], `[B, 3, H, W]`.
+    pub fn decode(&self, latents: Tensor<B, 4>) -> Tensor<B, 4> {
+        let image = self.vae.decode(latents / self.vae.scaling_factor());
+        (image / 2.0 + 0.5).clamp(0.0, 1.0)
+    }
+}
+
+/// Convert pixels `[B, 3, H, W]` in [0, 1] to one interleaved 8-bit RGB buffer per image
+/// (`round(255·x)`, as diffusers' `numpy_to_pil`).
+pub fn to_rgb8<B: Backend>(pixels: Tensor<B, 4>) -> Vec<Vec<u8>> {
+    let [b, c, h, w] = pixels.dims();
+    let hwc: Vec<f32> = pixels
+        .permute([0, 2, 3, 1])
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .expect("f32 pixels");
+    hwc.chunks(h * w * c)
+        .take(b)
+        .map(|img| {
+            img.iter()
+                .map(|&x| (x.clamp(0.0, 1.0) * 255.0).round() as u8)
+                .collect()
+        })
+        .collect()
+}

@@ -1,0 +1,206 @@
+//! Numerical parity with diffusers/transformers: tiny random models in diffusers layout and their
+//! golden outputs are made by `tests/parity/make_goldens.py` (PyTorch) and committed; these tests
+//! load the same folders and compare (fp32: ≤ 1e-4 per component, ≤ 1e-3 on pipeline latents).
+
+use std::path::{Path, PathBuf};
+
+use burn::backend::Flex;
+use burn::tensor::{Int, Tensor, TensorData};
+use instaflow::models::{AutoencoderKLConfig, ClipTextConfig, UNet2DConditionConfig};
+use instaflow::pipeline::{
+    GenerateOptions, InstaFlowPipeline, load_text_encoder, load_unet, load_vae,
+};
+use safetensors::{Dtype, SafeTensors};
+
+type B = Flex;
+const CONFIGS: [&str; 3] = ["conv-f32", "linear-f16", "small-bf16"];
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/parity")
+        .join(name)
+}
+
+/// A pipeline folder: the fixture plus the shared tokenizer, assembled in a temp dir.
+fn pipeline_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("instaflow-parity-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for part in ["unet", "vae", "text_encoder"] {
+        let to = dir.join(part);
+        std::fs::create_dir_all(&to).unwrap();
+        for entry in std::fs::read_dir(fixture(name).join(part)).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+    let tok = dir.join("tokenizer");
+    std::fs::create_dir_all(&tok).unwrap();
+    let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/clip-tokenizer");
+    for f in ["vocab.json", "merges.txt"] {
+        std::fs::copy(assets.join(f), tok.join(f)).unwrap();
+    }
+    dir
+}
+
+struct Goldens(Vec<u8>);
+
+impl Goldens {
+    fn load(name: &str) -> Self {
+        Self(std::fs::read(fixture(name).join("goldens.safetensors")).unwrap())
+    }
+
+    fn raw(&self, key: &str) -> (Vec<usize>, Vec<u8>, Dtype) {
+        let st = SafeTensors::deserialize(&self.0).unwrap();
+        let t = st.tensor(key).unwrap_or_else(|_| panic!("golden {key}"));
+        (t.shape().to_vec(), t.data().to_vec(), t.dtype())
+    }
+
+    fn f32<const D: usize>(&self, key: &str) -> Tensor<B, D> {
+        let (shape, bytes, dtype) = self.raw(key);
+        assert_eq!(dtype, Dtype::F32);
+        let v: Vec<f32> = bytes
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        Tensor::from_data(TensorData::new(v, shape), &Default::default())
+    }
+
+    fn ids(&self, key: &str) -> Tensor<B, 2, Int> {
+        let (shape, bytes, dtype) = self.raw(key);
+        assert_eq!(dtype, Dtype::I64);
+        let v: Vec<i64> = bytes
+            .chunks(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        Tensor::from_data(TensorData::new(v, shape), &Default::default())
+    }
+}
+
+fn max_abs_diff<const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b).abs().max().into_scalar()
+}
+
+fn check(config: &str, what: &str, err: f32, tol: f32) {
+    println!("{config:12} {what:28} max |Δ| = {err:.2e}");
+    assert!(
+        err <= tol,
+        "{config}: {what} differs from diffusers by {err} (tolerance {tol})"
+    );
+}
+
+#[test]
+fn text_encoder_matches_transformers() {
+    for name in CONFIGS {
+        let g = Goldens::load(name);
+        let model =
+            load_text_encoder::<B>(&fixture(name).join("text_encoder"), &Default::default())
+                .unwrap();
+        let out = model.forward(g.ids("text.ids"));
+        check(
+            name,
+            "text hidden states",
+            max_abs_diff(out, g.f32::<3>("text.hidden")),
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn unet_matches_diffusers_at_integer_and_fractional_timesteps() {
+    for name in CONFIGS {
+        let g = Goldens::load(name);
+        let (_, unet) = load_unet::<B>(&fixture(name).join("unet"), &Default::default()).unwrap();
+        let out = unet.forward(
+            g.f32("unet.sample"),
+            g.f32("unet.timesteps"),
+            &g.f32("unet.context"),
+        );
+        check(
+            name,
+            "UNet (τ = 1000, 666.7, 12.5)",
+            max_abs_diff(out, g.f32::<4>("unet.out")),
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn vae_matches_diffusers() {
+    for name in CONFIGS {
+        let g = Goldens::load(name);
+        let vae = load_vae::<B>(&fixture(name).join("vae"), &Default::default()).unwrap();
+        let (mean, logvar) = vae.encode(g.f32("vae.image"));
+        check(
+            name,
+            "VAE encode mean",
+            max_abs_diff(mean, g.f32::<4>("vae.mean")),
+            1e-4,
+        );
+        check(
+            name,
+            "VAE encode logvar",
+            max_abs_diff(logvar, g.f32::<4>("vae.logvar")),
+            1e-4,
+        );
+        let decoded = vae.decode(g.f32("vae.latents"));
+        check(
+            name,
+            "VAE decode",
+            max_abs_diff(decoded, g.f32::<4>("vae.decoded")),
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn pipeline_matches_the_reference_loop() {
+    let device = Default::default();
+    for name in CONFIGS {
+        let g = Goldens::load(name);
+        let dir = pipeline_dir(name);
+        let pipe = InstaFlowPipeline::<B>::load(&dir, &device).unwrap();
+        let text = pipe.encode_prompts(&["red heart"], &device).unwrap();
+        let neg = pipe.encode_prompts(&[""], &device).unwrap();
+        for (steps, guidance) in [(1usize, 1.0f64), (4, 1.5)] {
+            let latents = pipe.sample(
+                g.f32("pipeline.noise"),
+                &text,
+                &neg,
+                GenerateOptions { steps, guidance },
+            );
+            let key = format!("pipeline.n{steps}");
+            check(
+                name,
+                &format!("{key} latents"),
+                max_abs_diff(latents.clone(), g.f32::<4>(&format!("{key}.latents"))),
+                1e-3,
+            );
+            let pixels = pipe.decode(latents);
+            check(
+                name,
+                &format!("{key} pixels"),
+                max_abs_diff(pixels, g.f32::<4>(&format!("{key}.pixels"))),
+                1e-3,
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
+fn sd15_parameter_counts_from_configs_without_allocating() {
+    let device = Default::default();
+    assert_eq!(
+        UNet2DConditionConfig::sd15()
+            .num_params::<B>(&device)
+            .unwrap(),
+        859_520_964
+    );
+    let vae = AutoencoderKLConfig::sd15().init::<B>(&device).unwrap();
+    assert_eq!(instaflow::models::lazy_param_count(&vae), 83_653_863);
+    assert_eq!(
+        ClipTextConfig::sd15().num_params::<B>(&device).unwrap(),
+        123_060_480
+    );
+}
