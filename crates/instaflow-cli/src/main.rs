@@ -2,6 +2,7 @@
 
 mod backend;
 mod bench;
+mod bench_sd;
 mod generate;
 mod plots;
 mod toy;
@@ -32,6 +33,8 @@ enum Command {
     /// The paper's Figure 4 at 2-D scale: train 1-RF on a label-conditioned mixture, reflow it into
     /// 2-RF, distill both into one-step generators; print a table and write PNG figures.
     Toy(toy::ToyArgs),
+    /// Time the text encoder, UNet and VAE decoder at SD-1.5 size (random weights).
+    Bench(bench_sd::BenchSdArgs),
     /// Time a convolution, a matmul and attention (SD-1.5 shapes) on each backend that works here.
     BenchBackends(bench::BenchArgs),
     /// List the compute backends and whether each works on this machine.
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(cli.backend, args),
         Command::Toy(args) => toy::run(cli.backend, args),
+        Command::Bench(args) => bench_sd::run(cli.backend, args),
         Command::BenchBackends(args) => bench::run(args),
         Command::Backends => bench::list(),
     };

@@ -1,0 +1,99 @@
+//! `instaflow bench`: text encoder, UNet and VAE decoder at SD-1.5 size with random weights.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, ensure};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Distribution, Int, Tensor};
+use clap::Args;
+use instaflow::models::{AutoencoderKLConfig, ClipTextConfig, UNet2DConditionConfig};
+
+use crate::backend::{BackendChoice, resolve};
+use crate::with_backend;
+
+/// Options of `instaflow bench`.
+#[derive(Debug, Args)]
+pub struct BenchSdArgs {
+    /// Latent size (64 = 512×512 images, SD-1.5's native size).
+    #[arg(long, default_value_t = 64)]
+    latent: usize,
+    /// Timed runs of each model after one warm-up run (the median is reported).
+    #[arg(long, default_value_t = 1)]
+    repeats: usize,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn median_s<T>(repeats: usize, mut f: impl FnMut() -> T, done: impl Fn(T)) -> (f64, f64) {
+    let start = Instant::now();
+    done(f());
+    let first = start.elapsed().as_secs_f64();
+    let mut times: Vec<f64> = (0..repeats.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            done(f());
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    (first, times[times.len() / 2])
+}
+
+fn sync<B: Backend, const D: usize>(t: Tensor<B, D>) {
+    let _ = t.slice_dim(0, 0..1).sum().into_data();
+}
+
+/// Run `instaflow bench`.
+pub fn run(choice: BackendChoice, args: BenchSdArgs) -> Result<()> {
+    ensure!(args.latent >= 8 && args.latent % 8 == 0, "--latent must be a positive multiple of 8");
+    let selected = resolve(choice)?;
+    let result = with_backend!(&selected, B, device => bench::<B>(&args, &device));
+    let json = serde_json::json!({
+        "backend": selected.name(),
+        "latent": args.latent,
+        "image": args.latent * 8,
+        "text_encode_s": result[0],
+        "unet_s": result[1],
+        "vae_decode_s": result[2],
+        "peak_rss_mib": peak_rss_mib(),
+    });
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&json)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn bench<B: Backend>(args: &BenchSdArgs, device: &B::Device) -> [f64; 3] {
+    let normal = Distribution::Normal(0.0, 1.0);
+    let l = args.latent;
+    eprintln!("building SD-1.5 text encoder, UNet and VAE with random weights …");
+    let text = ClipTextConfig::sd15().init::<B>(device).expect("SD-1.5 config");
+    let unet = UNet2DConditionConfig::sd15().init::<B>(device).expect("SD-1.5 config");
+    let vae = AutoencoderKLConfig::sd15().init::<B>(device).expect("SD-1.5 config");
+
+    let ids = Tensor::<B, 2, Int>::from_ints([[49406i32, 320, 1929, 2038, 49407]], device).pad((0, 72, 0, 0), 49407);
+    let (first, text_s) = median_s(args.repeats, || text.forward(ids.clone()), sync);
+    eprintln!("text encoder: {text_s:.3} s (first run incl. weight init {first:.2} s)");
+
+    let context = Tensor::<B, 3>::random([1, 77, 768], normal, device);
+    let sample = Tensor::<B, 4>::random([1, 4, l, l], normal, device);
+    let tau = Tensor::<B, 1>::from_floats([1000.0], device);
+    let (first, unet_s) = median_s(args.repeats, || unet.forward(sample.clone(), tau.clone(), &context), sync);
+    eprintln!("UNet {l}×{l}: {unet_s:.2} s (first run incl. weight init {first:.2} s)");
+
+    let latents = Tensor::<B, 4>::random([1, 4, l, l], normal, device);
+    let (first, vae_s) = median_s(args.repeats, || vae.decode(latents.clone()), sync);
+    eprintln!("VAE decode {l}→{}: {vae_s:.2} s (first run incl. weight init {first:.2} s)", 8 * l);
+    [text_s, unet_s, vae_s]
+}
