@@ -108,7 +108,9 @@ fn help_explains_the_commands() {
 // ---- instaflow generate ----
 
 fn repo(path: &str) -> PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(path)
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
 }
 
 /// A complete diffusers folder: a parity fixture plus the CLIP tokenizer.
@@ -116,28 +118,47 @@ fn model_dir(name: &str, config: &str) -> PathBuf {
     let dir = temp_dir(name);
     for part in ["unet", "vae", "text_encoder"] {
         std::fs::create_dir_all(dir.join(part)).unwrap();
-        for entry in std::fs::read_dir(repo("tests/fixtures/parity").join(config).join(part)).unwrap() {
+        for entry in
+            std::fs::read_dir(repo("tests/fixtures/parity").join(config).join(part)).unwrap()
+        {
             let entry = entry.unwrap();
             std::fs::copy(entry.path(), dir.join(part).join(entry.file_name())).unwrap();
         }
     }
     std::fs::create_dir_all(dir.join("tokenizer")).unwrap();
     for f in ["vocab.json", "merges.txt"] {
-        std::fs::copy(repo("assets/clip-tokenizer").join(f), dir.join("tokenizer").join(f)).unwrap();
+        std::fs::copy(
+            repo("assets/clip-tokenizer").join(f),
+            dir.join("tokenizer").join(f),
+        )
+        .unwrap();
     }
     dir
 }
 
 fn golden(config: &str, key: &str) -> (Vec<usize>, Vec<f32>) {
-    let bytes = std::fs::read(repo("tests/fixtures/parity").join(config).join("goldens.safetensors")).unwrap();
+    let bytes = std::fs::read(
+        repo("tests/fixtures/parity")
+            .join(config)
+            .join("goldens.safetensors"),
+    )
+    .unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor(key).unwrap();
-    (t.shape().to_vec(), t.data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+    (
+        t.shape().to_vec(),
+        t.data()
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+    )
 }
 
 fn write_tensor(path: &std::path::Path, name: &str, shape: &[usize], values: &[f32]) {
     let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), &bytes).unwrap();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), &bytes)
+            .unwrap();
     std::fs::write(path, safetensors::serialize([(name, view)], None).unwrap()).unwrap();
 }
 
@@ -152,7 +173,18 @@ fn generate_meets_the_contract_and_matches_diffusers_latents() {
         let out = work.join(format!("n{steps}.png"));
         let lat = work.join(format!("n{steps}.safetensors"));
         let result = instaflow()
-            .args(["--backend", "cpu", "generate", "red heart", "--steps", steps, "--guidance", guidance, "--json", "--model"])
+            .args([
+                "--backend",
+                "cpu",
+                "generate",
+                "red heart",
+                "--steps",
+                steps,
+                "--guidance",
+                guidance,
+                "--json",
+                "--model",
+            ])
             .arg(&model)
             .arg("--noise")
             .arg(work.join("noise.safetensors"))
@@ -164,30 +196,65 @@ fn generate_meets_the_contract_and_matches_diffusers_latents() {
             .unwrap();
         let stderr = String::from_utf8_lossy(&result.stderr);
         assert!(result.status.success(), "{stderr}");
-        assert!(stderr.contains("UNet step 1/"), "progress and stage timings on stderr: {stderr}");
+        assert!(
+            stderr.contains("UNet step 1/"),
+            "progress and stage timings on stderr: {stderr}"
+        );
         let json: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
         assert_eq!(json["steps"].as_u64(), Some(steps.parse().unwrap()));
-        assert_eq!(json["timings_ms"]["unet_steps"].as_array().unwrap().len(), steps.parse::<usize>().unwrap());
+        assert_eq!(
+            json["timings_ms"]["unet_steps"].as_array().unwrap().len(),
+            steps.parse::<usize>().unwrap()
+        );
         let img = image::open(&out).unwrap().to_rgb8();
-        assert_eq!((img.width(), img.height()), (32, 32), "size from the noise: 8×8 latents × 4");
+        assert_eq!(
+            (img.width(), img.height()),
+            (32, 32),
+            "size from the noise: 8×8 latents × 4"
+        );
         let bytes = std::fs::read(&lat).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let got = st.tensor("latents").unwrap();
         assert_eq!(got.shape(), &shape[..]);
-        let got: Vec<f32> = got.data().chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let got: Vec<f32> = got
+            .data()
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
         let (_, want) = golden("linear-f16", &format!("pipeline.n{steps}.latents"));
-        let max = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert!(max <= 1e-3, "N={steps}: latents differ from diffusers by {max}");
+        let max = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            max <= 1e-3,
+            "N={steps}: latents differ from diffusers by {max}"
+        );
     }
     // Seeded batch: indexed file names, default size = sample_size × 8 / 2 (two-level VAE here: ×4).
     let result = instaflow()
-        .args(["--backend", "cpu", "generate", "café ❤️ über", "--batch", "2", "--seed", "7", "--model"])
+        .args([
+            "--backend",
+            "cpu",
+            "generate",
+            "café ❤️ über",
+            "--batch",
+            "2",
+            "--seed",
+            "7",
+            "--model",
+        ])
         .arg(&model)
         .arg("--out")
         .arg(work.join("b.png"))
         .output()
         .unwrap();
-    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
     for i in 0..2 {
         assert!(work.join(format!("b-{i}.png")).is_file());
     }
@@ -225,10 +292,22 @@ fn expect_failure(model: &std::path::Path, extra: &[&str], needle: &str) {
         .unwrap();
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(!result.status.success(), "{extra:?} must fail");
-    assert!(stderr.contains(needle), "{extra:?}: expected {needle:?} in\n{stderr}");
-    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "{extra:?} panicked:\n{stderr}");
-    assert!(stderr.trim_start().starts_with("error:") || stderr.contains("\nerror:"), "{stderr}");
-    assert!(!out.exists(), "{extra:?}: nothing may be written to --out on failure");
+    assert!(
+        stderr.contains(needle),
+        "{extra:?}: expected {needle:?} in\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
+        "{extra:?} panicked:\n{stderr}"
+    );
+    assert!(
+        stderr.trim_start().starts_with("error:") || stderr.contains("\nerror:"),
+        "{stderr}"
+    );
+    assert!(
+        !out.exists(),
+        "{extra:?}: nothing may be written to --out on failure"
+    );
 }
 
 #[test]
@@ -239,18 +318,34 @@ fn generate_rejects_bad_input_clearly() {
 
     expect_failure(&model.join("nope"), &[], "no such folder");
     expect_failure(&model, &["--prompt-override", ""], "the prompt is empty");
-    expect_failure(&model, &["--width", "30"], "--width 30: must be a positive multiple of");
+    expect_failure(
+        &model,
+        &["--width", "30"],
+        "--width 30: must be a positive multiple of",
+    );
 
     // Noise: wrong shape, NaN, not safetensors.
     let noise = model.join("noise.safetensors");
     write_tensor(&noise, "x", &[1, 3, 8, 8], &vec![0.0; 192]);
-    expect_failure(&model, &["--noise", noise.to_str().unwrap()], "expected [B, 4, h, w]");
+    expect_failure(
+        &model,
+        &["--noise", noise.to_str().unwrap()],
+        "expected [B, 4, h, w]",
+    );
     let mut values = vec![0.5f32; 256];
     values[17] = f32::NAN;
     write_tensor(&noise, "x", &[1, 4, 8, 8], &values);
-    expect_failure(&model, &["--noise", noise.to_str().unwrap()], "value 17 is NaN");
+    expect_failure(
+        &model,
+        &["--noise", noise.to_str().unwrap()],
+        "value 17 is NaN",
+    );
     std::fs::write(&noise, b"not a tensor file").unwrap();
-    expect_failure(&model, &["--noise", noise.to_str().unwrap()], "not a valid safetensors file");
+    expect_failure(
+        &model,
+        &["--noise", noise.to_str().unwrap()],
+        "not a valid safetensors file",
+    );
 
     // Weights: missing file, truncated, a tensor missing, a tensor of the wrong shape.
     std::fs::remove_file(&unet).unwrap();
@@ -258,30 +353,63 @@ fn generate_rejects_bad_input_clearly() {
     std::fs::write(&unet, &pristine[..pristine.len() / 2]).unwrap();
     expect_failure(&model, &[], "diffusion_pytorch_model.safetensors");
     let st = safetensors::SafeTensors::deserialize(&pristine).unwrap();
-    let mut tensors: Vec<(String, safetensors::tensor::TensorView)> =
-        st.tensors().into_iter().filter(|(n, _)| n != "conv_in.bias").collect();
-    std::fs::write(&unet, safetensors::serialize(tensors.clone(), None).unwrap()).unwrap();
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n != "conv_in.bias")
+        .collect();
+    std::fs::write(
+        &unet,
+        safetensors::serialize(tensors.clone(), None).unwrap(),
+    )
+    .unwrap();
     expect_failure(&model, &[], "conv_in.bias");
     let wrong = vec![0u8; 2 * 7];
-    let pos = tensors.iter().position(|(n, _)| n == "conv_out.bias").unwrap();
-    tensors[pos].1 = safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, vec![7], &wrong).unwrap();
+    let pos = tensors
+        .iter()
+        .position(|(n, _)| n == "conv_out.bias")
+        .unwrap();
+    tensors[pos].1 =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, vec![7], &wrong).unwrap();
     tensors.push(("conv_in.bias".into(), st.tensor("conv_in.bias").unwrap()));
     std::fs::write(&unet, safetensors::serialize(tensors, None).unwrap()).unwrap();
-    expect_failure(&model, &[], "conv_out.bias: expected shape [4], file has [7]");
+    expect_failure(
+        &model,
+        &[],
+        "conv_out.bias: expected shape [4], file has [7]",
+    );
     std::fs::write(&unet, &pristine).unwrap();
 
     // Config: an unsupported block type.
     let cfg_path = model.join("unet/config.json");
     let cfg = std::fs::read_to_string(&cfg_path).unwrap();
-    std::fs::write(&cfg_path, cfg.replace("\"CrossAttnDownBlock2D\"", "\"SimpleCrossAttnDownBlock2D\"")).unwrap();
-    expect_failure(&model, &[], "unsupported down_block_types = SimpleCrossAttnDownBlock2D");
+    std::fs::write(
+        &cfg_path,
+        cfg.replace("\"CrossAttnDownBlock2D\"", "\"SimpleCrossAttnDownBlock2D\""),
+    )
+    .unwrap();
+    expect_failure(
+        &model,
+        &[],
+        "unsupported down_block_types = SimpleCrossAttnDownBlock2D",
+    );
     std::fs::write(&cfg_path, "{ not json").unwrap();
     expect_failure(&model, &[], "config.json: invalid config");
     std::fs::write(&cfg_path, cfg).unwrap();
 
     // The repaired folder works again (the failures above were the inputs, not the test).
     let out = model.join("ok.png");
-    let result = instaflow().args(["--backend", "cpu", "generate", "red heart", "--model"]).arg(&model).arg("--out").arg(&out).output().unwrap();
-    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let result = instaflow()
+        .args(["--backend", "cpu", "generate", "red heart", "--model"])
+        .arg(&model)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
     let _ = std::fs::remove_dir_all(&model);
 }

@@ -204,3 +204,51 @@ fn sd15_parameter_counts_from_configs_without_allocating() {
         123_060_480
     );
 }
+
+#[test]
+fn sharded_weights_load_like_a_single_file() {
+    let name = "conv-f32";
+    let src = fixture(name).join("unet");
+    let dir = std::env::temp_dir().join(format!("instaflow-sharded-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors = st.tensors();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let (first, second) = tensors.split_at(tensors.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in [first, second].iter().enumerate() {
+        let file = format!("diffusion_pytorch_model-0000{}-of-00002.safetensors", i + 1);
+        std::fs::write(
+            dir.join(&file),
+            safetensors::serialize(part.to_vec(), None).unwrap(),
+        )
+        .unwrap();
+        for (n, _) in part.iter() {
+            weight_map.insert(n.clone(), file.clone().into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(
+        dir.join("diffusion_pytorch_model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+
+    let g = Goldens::load(name);
+    let (_, unet) = load_unet::<B>(&dir, &Default::default()).unwrap();
+    let out = unet.forward(
+        g.f32("unet.sample"),
+        g.f32("unet.timesteps"),
+        &g.f32("unet.context"),
+    );
+    check(
+        name,
+        "UNet from two shards",
+        max_abs_diff(out, g.f32::<4>("unet.out")),
+        1e-4,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -55,7 +55,10 @@ fn sync<B: Backend, const D: usize>(t: Tensor<B, D>) {
 
 /// Run `instaflow bench`.
 pub fn run(choice: BackendChoice, args: BenchSdArgs) -> Result<()> {
-    ensure!(args.latent >= 8 && args.latent % 8 == 0, "--latent must be a positive multiple of 8");
+    ensure!(
+        args.latent >= 8 && args.latent % 8 == 0,
+        "--latent must be a positive multiple of 8"
+    );
     let selected = resolve(choice)?;
     let result = with_backend!(&selected, B, device => bench::<B>(&args, &device));
     let json = serde_json::json!({
@@ -69,7 +72,8 @@ pub fn run(choice: BackendChoice, args: BenchSdArgs) -> Result<()> {
     });
     println!("{}", serde_json::to_string_pretty(&json)?);
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&json)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }
@@ -78,22 +82,36 @@ fn bench<B: Backend>(args: &BenchSdArgs, device: &B::Device) -> [f64; 3] {
     let normal = Distribution::Normal(0.0, 1.0);
     let l = args.latent;
     eprintln!("building SD-1.5 text encoder, UNet and VAE with random weights …");
-    let text = ClipTextConfig::sd15().init::<B>(device).expect("SD-1.5 config");
-    let unet = UNet2DConditionConfig::sd15().init::<B>(device).expect("SD-1.5 config");
-    let vae = AutoencoderKLConfig::sd15().init::<B>(device).expect("SD-1.5 config");
+    let text = ClipTextConfig::sd15()
+        .init::<B>(device)
+        .expect("SD-1.5 config");
+    let unet = UNet2DConditionConfig::sd15()
+        .init::<B>(device)
+        .expect("SD-1.5 config");
+    let vae = AutoencoderKLConfig::sd15()
+        .init::<B>(device)
+        .expect("SD-1.5 config");
 
-    let ids = Tensor::<B, 2, Int>::from_ints([[49406i32, 320, 1929, 2038, 49407]], device).pad((0, 72, 0, 0), 49407);
+    let ids = Tensor::<B, 2, Int>::from_ints([[49406i32, 320, 1929, 2038, 49407]], device)
+        .pad((0, 72, 0, 0), 49407);
     let (first, text_s) = median_s(args.repeats, || text.forward(ids.clone()), sync);
     eprintln!("text encoder: {text_s:.3} s (first run incl. weight init {first:.2} s)");
 
     let context = Tensor::<B, 3>::random([1, 77, 768], normal, device);
     let sample = Tensor::<B, 4>::random([1, 4, l, l], normal, device);
     let tau = Tensor::<B, 1>::from_floats([1000.0], device);
-    let (first, unet_s) = median_s(args.repeats, || unet.forward(sample.clone(), tau.clone(), &context), sync);
+    let (first, unet_s) = median_s(
+        args.repeats,
+        || unet.forward(sample.clone(), tau.clone(), &context),
+        sync,
+    );
     eprintln!("UNet {l}×{l}: {unet_s:.2} s (first run incl. weight init {first:.2} s)");
 
     let latents = Tensor::<B, 4>::random([1, 4, l, l], normal, device);
     let (first, vae_s) = median_s(args.repeats, || vae.decode(latents.clone()), sync);
-    eprintln!("VAE decode {l}→{}: {vae_s:.2} s (first run incl. weight init {first:.2} s)", 8 * l);
+    eprintln!(
+        "VAE decode {l}→{}: {vae_s:.2} s (first run incl. weight init {first:.2} s)",
+        8 * l
+    );
     [text_s, unet_s, vae_s]
 }

@@ -160,7 +160,7 @@ fn list(title: &str, names: &[String], details: &mut String) {
     if names.is_empty() {
         return;
     }
-    const SHOWN: usize = 12;
+    const SHOWN: usize = 50;
     details.push_str(&format!("\n  {} {title}:", names.len()));
     for n in names.iter().take(SHOWN) {
         details.push_str(&format!("\n    {n}"));
