@@ -56,7 +56,7 @@ fn sync<B: Backend, const D: usize>(t: Tensor<B, D>) {
 /// Run `instaflow bench`.
 pub fn run(choice: BackendChoice, args: BenchSdArgs) -> Result<()> {
     ensure!(
-        args.latent >= 8 && args.latent % 8 == 0,
+        args.latent >= 8 && args.latent.is_multiple_of(8),
         "--latent must be a positive multiple of 8"
     );
     let selected = resolve(choice)?;

@@ -347,9 +347,9 @@ impl UNet2DConditionConfig {
 
         let mut down_blocks = Vec::with_capacity(n);
         let mut out_ch = boc[0];
-        for i in 0..n {
+        for (i, &channels) in boc.iter().enumerate() {
             let in_ch = out_ch;
-            out_ch = boc[i];
+            out_ch = channels;
             let s = BlockSettings {
                 layers: r.layers[i],
                 transformer: r.cross_attn_down[i].then(|| transformer(i)),
