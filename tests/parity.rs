@@ -10,6 +10,7 @@ use instaflow::models::{AutoencoderKLConfig, ClipTextConfig, UNet2DConditionConf
 use instaflow::pipeline::{
     GenerateOptions, InstaFlowPipeline, load_text_encoder, load_unet, load_vae,
 };
+use instaflow::source::ModelSource;
 use safetensors::{Dtype, SafeTensors};
 
 type B = Flex;
@@ -22,8 +23,11 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 /// A pipeline folder: the fixture plus the shared tokenizer, assembled in a temp dir.
-fn pipeline_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("instaflow-parity-{name}-{}", std::process::id()));
+fn pipeline_dir(name: &str, tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "instaflow-parity-{name}-{tag}-{}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     for part in ["unet", "vae", "text_encoder"] {
         let to = dir.join(part);
@@ -93,9 +97,12 @@ fn check(config: &str, what: &str, err: f32, tol: f32) {
 fn text_encoder_matches_transformers() {
     for name in CONFIGS {
         let g = Goldens::load(name);
-        let model =
-            load_text_encoder::<B>(&fixture(name).join("text_encoder"), &Default::default())
-                .unwrap();
+        let model = load_text_encoder::<B>(
+            &ModelSource::dir(fixture(name)),
+            "text_encoder",
+            &Default::default(),
+        )
+        .unwrap();
         let out = model.forward(g.ids("text.ids"));
         check(
             name,
@@ -110,7 +117,12 @@ fn text_encoder_matches_transformers() {
 fn unet_matches_diffusers_at_integer_and_fractional_timesteps() {
     for name in CONFIGS {
         let g = Goldens::load(name);
-        let (_, unet) = load_unet::<B>(&fixture(name).join("unet"), &Default::default()).unwrap();
+        let (_, unet) = load_unet::<B>(
+            &ModelSource::dir(fixture(name)),
+            "unet",
+            &Default::default(),
+        )
+        .unwrap();
         let out = unet.forward(
             g.f32("unet.sample"),
             g.f32("unet.timesteps"),
@@ -129,7 +141,8 @@ fn unet_matches_diffusers_at_integer_and_fractional_timesteps() {
 fn vae_matches_diffusers() {
     for name in CONFIGS {
         let g = Goldens::load(name);
-        let vae = load_vae::<B>(&fixture(name).join("vae"), &Default::default()).unwrap();
+        let (_, vae) =
+            load_vae::<B>(&ModelSource::dir(fixture(name)), "vae", &Default::default()).unwrap();
         let (mean, logvar) = vae.encode(g.f32("vae.image"));
         check(
             name,
@@ -158,8 +171,8 @@ fn pipeline_matches_the_reference_loop() {
     let device = Default::default();
     for name in CONFIGS {
         let g = Goldens::load(name);
-        let dir = pipeline_dir(name);
-        let pipe = InstaFlowPipeline::<B>::load(&dir, &device).unwrap();
+        let dir = pipeline_dir(name, "folder");
+        let pipe = InstaFlowPipeline::<B>::load(&ModelSource::dir(&dir), &device).unwrap();
         let text = pipe.encode_prompts(&["red heart"], &device).unwrap();
         let neg = pipe.encode_prompts(&[""], &device).unwrap();
         for (steps, guidance) in [(1usize, 1.0f64), (4, 1.5)] {
@@ -209,7 +222,8 @@ fn sd15_parameter_counts_from_configs_without_allocating() {
 fn sharded_weights_load_like_a_single_file() {
     let name = "conv-f32";
     let src = fixture(name).join("unet");
-    let dir = std::env::temp_dir().join(format!("instaflow-sharded-{}", std::process::id()));
+    let root = std::env::temp_dir().join(format!("instaflow-sharded-{}", std::process::id()));
+    let dir = root.join("unet");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
@@ -238,7 +252,7 @@ fn sharded_weights_load_like_a_single_file() {
     .unwrap();
 
     let g = Goldens::load(name);
-    let (_, unet) = load_unet::<B>(&dir, &Default::default()).unwrap();
+    let (_, unet) = load_unet::<B>(&ModelSource::dir(&root), "unet", &Default::default()).unwrap();
     let out = unet.forward(
         g.f32("unet.sample"),
         g.f32("unet.timesteps"),
@@ -249,6 +263,43 @@ fn sharded_weights_load_like_a_single_file() {
         "UNet from two shards",
         max_abs_diff(out, g.f32::<4>("unet.out")),
         1e-4,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_model_in_memory_loads_like_the_folder() {
+    let name = "small-bf16";
+    let dir = pipeline_dir(name, "memory");
+    let mut files = std::collections::BTreeMap::new();
+    for part in ["unet", "vae", "text_encoder", "tokenizer"] {
+        for entry in std::fs::read_dir(dir.join(part)).unwrap() {
+            let entry = entry.unwrap();
+            files.insert(
+                format!("{part}/{}", entry.file_name().to_string_lossy()),
+                std::fs::read(entry.path()).unwrap(),
+            );
+        }
+    }
+    let source = ModelSource::Memory {
+        name: "in-memory model".into(),
+        files,
+    };
+    let device = Default::default();
+    let pipe = InstaFlowPipeline::<B>::load(&source, &device).unwrap();
+    let g = Goldens::load(name);
+    let text = pipe.encode_prompts(&["red heart"], &device).unwrap();
+    let latents = pipe.sample(
+        g.f32("pipeline.noise"),
+        &text,
+        &text,
+        GenerateOptions::default(),
+    );
+    check(
+        name,
+        "in-memory pipeline n1",
+        max_abs_diff(latents, g.f32::<4>("pipeline.n1.latents")),
+        1e-3,
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -174,7 +174,8 @@ fn ms(since: Instant) -> f64 {
 fn generate<B: Backend>(args: &GenerateArgs, device: &B::Device, backend: &str) -> Result<()> {
     let total = Instant::now();
     let t = Instant::now();
-    let pipe = InstaFlowPipeline::<B>::load(&args.model, device)
+    let source = instaflow::source::ModelSource::dir(&args.model);
+    let pipe = InstaFlowPipeline::<B>::load(&source, device)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let load_ms = ms(t);
     eprintln!("loaded {} in {:.1} s", args.model.display(), load_ms / 1e3);

@@ -14,6 +14,7 @@
 //! * [`pipeline`] — the InstaFlow sampling loop over a diffusers folder.
 //! * [`noise`] — seeded, backend-independent Gaussian noise.
 //! * [`bench`] — kernel timings for comparing backends.
+//! * [`source`] — model files from a folder or from memory.
 //! * [`weights`] — safetensors loading with precise errors.
 //! * [`toy`] — the whole method on a 2-D conditional problem.
 
@@ -25,6 +26,7 @@ pub mod models;
 pub mod noise;
 pub mod pipeline;
 pub mod solvers;
+pub mod source;
 pub mod tokenizer;
 pub mod toy;
 pub mod velocity;

@@ -8,8 +8,6 @@
 //! ```
 //! The loop is the crate's Euler solver on the UNet viewed as a [`VelocityField`].
 
-use std::path::{Path, PathBuf};
-
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 use serde::de::DeserializeOwned;
 
@@ -20,6 +18,7 @@ use crate::models::{
     UNet2DConditionModel,
 };
 use crate::solvers::euler;
+use crate::source::{ModelSource, SourceError};
 use crate::tokenizer::{ClipTokenizer, TokenizerError};
 use crate::velocity::{Guided, VelocityField};
 use crate::weights::{self, WeightsError};
@@ -29,12 +28,12 @@ use crate::weights::{self, WeightsError};
 pub enum LoadError {
     /// A file or folder is missing.
     #[error("{0} not found")]
-    Missing(PathBuf),
+    Missing(String),
     /// A config file is unreadable or not the expected JSON.
     #[error("{path}: {message}")]
     Config {
         /// The config file.
-        path: PathBuf,
+        path: String,
         /// What is wrong.
         message: String,
     },
@@ -42,7 +41,7 @@ pub enum LoadError {
     #[error("{path}: {source}")]
     Unsupported {
         /// The config file.
-        path: PathBuf,
+        path: String,
         /// The problem.
         source: ConfigError,
     },
@@ -54,68 +53,67 @@ pub enum LoadError {
     Tokenizer(#[from] TokenizerError),
 }
 
-/// Read a component's `config.json`.
-pub fn read_config<T: DeserializeOwned>(dir: &Path) -> Result<T, LoadError> {
-    let path = dir.join("config.json");
-    if !dir.is_dir() {
-        return Err(LoadError::Missing(dir.to_path_buf()));
+/// Read the `config.json` of component `dir` (e.g. `unet`).
+pub fn read_config<T: DeserializeOwned>(source: &ModelSource, dir: &str) -> Result<T, LoadError> {
+    if !source.has_dir(dir) {
+        return Err(LoadError::Missing(source.display(dir)));
     }
-    let text = std::fs::read_to_string(&path).map_err(|e| LoadError::Config {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
+    let rel = format!("{dir}/config.json");
+    let text = source
+        .read_string(&rel)
+        .map_err(|SourceError { path, message }| LoadError::Config { path, message })?;
     serde_json::from_str(&text).map_err(|e| LoadError::Config {
-        path,
+        path: source.display(&rel),
         message: format!("invalid config: {e}"),
     })
 }
 
-fn unsupported(dir: &Path) -> impl FnOnce(ConfigError) -> LoadError + '_ {
-    move |source| LoadError::Unsupported {
-        path: dir.join("config.json"),
-        source,
+fn unsupported<'a>(
+    source: &'a ModelSource,
+    dir: &'a str,
+) -> impl FnOnce(ConfigError) -> LoadError + 'a {
+    move |e| LoadError::Unsupported {
+        path: source.display(&format!("{dir}/config.json")),
+        source: e,
     }
 }
 
-/// Load `unet/` of a diffusers folder.
+/// Load the UNet component `dir` (normally `unet`).
 pub fn load_unet<B: Backend>(
-    dir: &Path,
+    source: &ModelSource,
+    dir: &str,
     device: &B::Device,
 ) -> Result<(UNet2DConditionConfig, UNet2DConditionModel<B>), LoadError> {
-    let cfg: UNet2DConditionConfig = read_config(dir)?;
-    let mut model = cfg.init::<B>(device).map_err(unsupported(dir))?;
-    weights::load(
-        &mut model,
-        &weights::weight_files(dir, &["diffusion_pytorch_model", "model"])?,
-        &[],
-    )?;
+    let cfg: UNet2DConditionConfig = read_config(source, dir)?;
+    let mut model = cfg.init::<B>(device).map_err(unsupported(source, dir))?;
+    let files = weights::weight_files(source, dir, &["diffusion_pytorch_model", "model"])?;
+    weights::load(&mut model, source, &files, &[])?;
     Ok((cfg, model))
 }
 
-/// Load `vae/` of a diffusers folder.
-pub fn load_vae<B: Backend>(dir: &Path, device: &B::Device) -> Result<AutoencoderKL<B>, LoadError> {
-    let cfg: AutoencoderKLConfig = read_config(dir)?;
-    let mut model = cfg.init::<B>(device).map_err(unsupported(dir))?;
-    weights::load(
-        &mut model,
-        &weights::weight_files(dir, &["diffusion_pytorch_model", "model"])?,
-        &[],
-    )?;
-    Ok(model)
+/// Load the VAE component `dir` (normally `vae`).
+pub fn load_vae<B: Backend>(
+    source: &ModelSource,
+    dir: &str,
+    device: &B::Device,
+) -> Result<(AutoencoderKLConfig, AutoencoderKL<B>), LoadError> {
+    let cfg: AutoencoderKLConfig = read_config(source, dir)?;
+    let mut model = cfg.init::<B>(device).map_err(unsupported(source, dir))?;
+    let files = weights::weight_files(source, dir, &["diffusion_pytorch_model", "model"])?;
+    weights::load(&mut model, source, &files, &[])?;
+    Ok((cfg, model))
 }
 
-/// Load `text_encoder/` of a diffusers folder.
+/// Load the text-encoder component `dir` (normally `text_encoder`).
 pub fn load_text_encoder<B: Backend>(
-    dir: &Path,
+    source: &ModelSource,
+    dir: &str,
     device: &B::Device,
 ) -> Result<ClipTextModel<B>, LoadError> {
-    let cfg: ClipTextConfig = read_config(dir)?;
-    let mut model = cfg.init::<B>(device).map_err(unsupported(dir))?;
-    weights::load(
-        &mut model,
-        &weights::weight_files(dir, &["model", "pytorch_model"])?,
-        weights::CLIP_REMAPS,
-    )?;
+    let cfg: ClipTextConfig = read_config(source, dir)?;
+    let mut model = cfg.init::<B>(device).map_err(unsupported(source, dir))?;
+    let files = weights::weight_files(source, dir, &["model", "pytorch_model"])?;
+    weights::load(&mut model, source, &files, weights::CLIP_REMAPS)?;
     Ok(model)
 }
 
@@ -164,16 +162,17 @@ pub struct InstaFlowPipeline<B: Backend> {
 }
 
 impl<B: Backend> InstaFlowPipeline<B> {
-    /// Load every component of the diffusers folder `dir`.
-    pub fn load(dir: &Path, device: &B::Device) -> Result<Self, LoadError> {
-        if !dir.is_dir() {
-            return Err(LoadError::Missing(dir.to_path_buf()));
+    /// Load every component of a diffusers folder (on disk or in memory).
+    pub fn load(source: &ModelSource, device: &B::Device) -> Result<Self, LoadError> {
+        if let ModelSource::Dir(d) = source
+            && !d.is_dir()
+        {
+            return Err(LoadError::Missing(d.display().to_string()));
         }
-        let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
-        let text_encoder = load_text_encoder(&dir.join("text_encoder"), device)?;
-        let (unet_config, unet) = load_unet(&dir.join("unet"), device)?;
-        let vae_cfg: AutoencoderKLConfig = read_config(&dir.join("vae"))?;
-        let vae = load_vae(&dir.join("vae"), device)?;
+        let tokenizer = ClipTokenizer::from_source(source, "tokenizer")?;
+        let text_encoder = load_text_encoder(source, "text_encoder", device)?;
+        let (unet_config, unet) = load_unet(source, "unet", device)?;
+        let (vae_cfg, vae) = load_vae(source, "vae", device)?;
         Ok(Self {
             tokenizer,
             text_encoder,

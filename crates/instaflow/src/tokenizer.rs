@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use crate::source::ModelSource;
+
 use tokenizers::models::bpe::BPE;
 use tokenizers::normalizers::{Lowercase, NFC, Replace, Sequence as NormalizerSequence};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -68,31 +70,46 @@ fn invalid(file: &str, message: impl ToString) -> TokenizerError {
 }
 
 impl ClipTokenizer {
-    /// Load from a diffusers `tokenizer/` folder. The pad token is read from
-    /// `tokenizer_config.json` / `special_tokens_map.json` when present (SD-1.5 pads with EOS).
+    /// Load from a diffusers `tokenizer/` folder on disk.
     pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
-        let read =
-            |name: &str| std::fs::read_to_string(dir.join(name)).map_err(|e| invalid(name, e));
+        match (dir.parent(), dir.file_name()) {
+            (Some(parent), Some(name)) => {
+                Self::from_source(&ModelSource::dir(parent), &name.to_string_lossy())
+            }
+            _ => Err(TokenizerError::NotFound(dir.display().to_string())),
+        }
+    }
+
+    /// Load the tokenizer folder `dir` of `source`. The pad token is read from
+    /// `tokenizer_config.json` / `special_tokens_map.json` when present (SD-1.5 pads with EOS).
+    pub fn from_source(source: &ModelSource, dir: &str) -> Result<Self, TokenizerError> {
+        let file = |name: &str| format!("{dir}/{name}");
+        let read = |name: &str| {
+            source
+                .read_string(&file(name))
+                .map_err(|e| invalid(name, e.message))
+        };
         let pad_token = ["tokenizer_config.json", "special_tokens_map.json"]
             .iter()
-            .filter_map(|f| std::fs::read_to_string(dir.join(f)).ok())
+            .filter_map(|f| source.read_string(&file(f)).ok())
             .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
             .find_map(|j| match j.get("pad_token")? {
                 serde_json::Value::String(s) => Some(s.clone()),
                 v => v.get("content")?.as_str().map(String::from),
             });
-        if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
+        if source.exists(&file("vocab.json")) && source.exists(&file("merges.txt")) {
             Self::from_vocab_merges(
                 &read("vocab.json")?,
                 &read("merges.txt")?,
                 pad_token.as_deref(),
             )
-        } else if dir.join("tokenizer.json").is_file() {
-            let inner = Tokenizer::from_file(dir.join("tokenizer.json"))
+        } else if source.exists(&file("tokenizer.json")) {
+            let inner = read("tokenizer.json")?
+                .parse::<Tokenizer>()
                 .map_err(|e| invalid("tokenizer.json", e))?;
             Self::wrap(inner, pad_token.as_deref(), "tokenizer.json")
         } else {
-            Err(TokenizerError::NotFound(dir.display().to_string()))
+            Err(TokenizerError::NotFound(source.display(dir)))
         }
     }
 

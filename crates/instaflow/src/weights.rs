@@ -5,10 +5,11 @@
 //! UNet is never held twice. Every problem is reported with the tensor names involved.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use burn::tensor::DType;
+
+use crate::source::ModelSource;
 use burn::tensor::backend::Backend;
 use burn_store::{
     ApplyError, ChainAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter,
@@ -22,7 +23,7 @@ pub enum WeightsError {
     #[error("no weights in {dir}: expected {expected}")]
     NotFound {
         /// The folder searched.
-        dir: PathBuf,
+        dir: String,
         /// The file names tried.
         expected: String,
     },
@@ -30,7 +31,7 @@ pub enum WeightsError {
     #[error("{path}: {message}")]
     Unreadable {
         /// The file.
-        path: PathBuf,
+        path: String,
         /// What failed.
         message: String,
     },
@@ -38,7 +39,7 @@ pub enum WeightsError {
     #[error("{path} does not match the model:{details}")]
     Mismatch {
         /// The file (or index).
-        path: PathBuf,
+        path: String,
         /// Missing, unexpected and mis-shaped tensors, one per line.
         details: String,
     },
@@ -118,21 +119,31 @@ fn ignorable(name: &str) -> bool {
     name.ends_with("position_ids")
 }
 
-/// The weight files of a model folder: `<stem>.safetensors`, or the shards listed in
+/// One safetensors file of a component, by its path relative to the model source.
+#[derive(Debug, Clone)]
+pub struct WeightFile(String);
+
+/// The weight files of component `dir` (e.g. `unet`): `<stem>.safetensors`, or the shards listed in
 /// `<stem>.safetensors.index.json`. `stems` are tried in order (e.g. diffusers' and transformers').
-pub fn weight_files(dir: &Path, stems: &[&str]) -> Result<Vec<PathBuf>, WeightsError> {
+pub fn weight_files(
+    source: &ModelSource,
+    dir: &str,
+    stems: &[&str],
+) -> Result<Vec<WeightFile>, WeightsError> {
     for stem in stems {
-        let single = dir.join(format!("{stem}.safetensors"));
-        if single.is_file() {
-            return Ok(vec![single]);
+        let single = format!("{dir}/{stem}.safetensors");
+        if source.exists(&single) {
+            return Ok(vec![WeightFile(single)]);
         }
-        let index = dir.join(format!("{stem}.safetensors.index.json"));
-        if index.is_file() {
+        let index = format!("{dir}/{stem}.safetensors.index.json");
+        if source.exists(&index) {
             let unreadable = |message: String| WeightsError::Unreadable {
-                path: index.clone(),
+                path: source.display(&index),
                 message,
             };
-            let text = std::fs::read_to_string(&index).map_err(|e| unreadable(e.to_string()))?;
+            let text = source
+                .read_string(&index)
+                .map_err(|e| unreadable(e.message))?;
             let json: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| unreadable(format!("invalid JSON: {e}")))?;
             let map = json
@@ -143,11 +154,14 @@ pub fn weight_files(dir: &Path, stems: &[&str]) -> Result<Vec<PathBuf>, WeightsE
             if shards.is_empty() {
                 return Err(unreadable("`weight_map` lists no files".into()));
             }
-            return Ok(shards.into_iter().map(|s| dir.join(s)).collect());
+            return Ok(shards
+                .into_iter()
+                .map(|s| WeightFile(format!("{dir}/{s}")))
+                .collect());
         }
     }
     Err(WeightsError::NotFound {
-        dir: dir.to_path_buf(),
+        dir: source.display(dir),
         expected: stems
             .iter()
             .map(|s| format!("{s}.safetensors or {s}.safetensors.index.json"))
@@ -174,25 +188,28 @@ fn list(title: &str, names: &[String], details: &mut String) {
 /// and every tensor in the files must be used. `extra` adds name remappings (regex, replacement).
 pub fn load<B: Backend, M: ModuleSnapshot<B>>(
     module: &mut M,
-    files: &[PathBuf],
+    source: &ModelSource,
+    files: &[WeightFile],
     extra: &[(&str, &str)],
 ) -> Result<(), WeightsError> {
     let mut applied = BTreeSet::new();
     let mut missing = None::<BTreeSet<String>>;
     let mut unexpected = Vec::new();
     let mut bad = Vec::new();
-    for file in files {
-        let meta = std::fs::metadata(file).map_err(|e| WeightsError::Unreadable {
-            path: file.clone(),
-            message: e.to_string(),
-        })?;
-        if !meta.is_file() {
-            return Err(WeightsError::Unreadable {
-                path: file.clone(),
-                message: "not a file".into(),
-            });
-        }
-        let mut store = SafetensorsStore::from_file(file)
+    for WeightFile(rel) in files {
+        let unreadable = |message: String| WeightsError::Unreadable {
+            path: source.display(rel),
+            message,
+        };
+        // Files on disk are memory-mapped and read tensor by tensor; in-memory files are parsed in place.
+        let store = match source.path(rel) {
+            Some(path) if path.is_file() => SafetensorsStore::from_file(path),
+            Some(_) => return Err(unreadable("not found".into())),
+            None => SafetensorsStore::from_bytes(Some(
+                source.read(rel).map_err(|e| unreadable(e.message))?,
+            )),
+        };
+        let mut store = store
             .with_from_adapter(ChainAdapter::new(PyTorchToBurnAdapter, ToF32))
             .skip_enum_variants(true)
             .allow_partial(true)
@@ -202,10 +219,7 @@ pub fn load<B: Backend, M: ModuleSnapshot<B>>(
         }
         let result = module
             .load_from(&mut store)
-            .map_err(|e| WeightsError::Unreadable {
-                path: file.clone(),
-                message: describe_store_error(&e.to_string()),
-            })?;
+            .map_err(|e| unreadable(describe_store_error(&e.to_string())))?;
         applied.extend(result.applied.iter().cloned());
         let now_missing: BTreeSet<String> = result.missing.iter().map(|(p, _)| p.clone()).collect();
         missing = Some(match missing {
@@ -251,7 +265,10 @@ pub fn load<B: Backend, M: ModuleSnapshot<B>>(
     list("unexpected tensors in the file", &unexpected, &mut details);
     list("tensors of the wrong shape or type", &bad, &mut details);
     Err(WeightsError::Mismatch {
-        path: files.first().cloned().unwrap_or_default(),
+        path: files
+            .first()
+            .map(|f| source.display(&f.0))
+            .unwrap_or_default(),
         details,
     })
 }
