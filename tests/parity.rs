@@ -303,3 +303,44 @@ fn a_model_in_memory_loads_like_the_folder() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn vae_with_pre_0_14_attention_names_loads() {
+    // Older SD-1.x VAE files name the mid-block attention `query`/`key`/`value`/`proj_attn`.
+    let name = "conv-f32";
+    let root = std::env::temp_dir().join(format!("instaflow-old-vae-{}", std::process::id()));
+    let dir = root.join("vae");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = fixture(name).join("vae");
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let renamed: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let n = n
+                .replace(".to_q.", ".query.")
+                .replace(".to_k.", ".key.")
+                .replace(".to_v.", ".value.")
+                .replace(".to_out.0.", ".proj_attn.");
+            (n, t)
+        })
+        .collect();
+    assert!(renamed.iter().any(|(n, _)| n.contains(".proj_attn.")));
+    std::fs::write(
+        dir.join("diffusion_pytorch_model.safetensors"),
+        safetensors::serialize(renamed, None).unwrap(),
+    )
+    .unwrap();
+    let g = Goldens::load(name);
+    let (_, vae) = load_vae::<B>(&ModelSource::dir(&root), "vae", &Default::default()).unwrap();
+    check(
+        name,
+        "VAE decode (old names)",
+        max_abs_diff(vae.decode(g.f32("vae.latents")), g.f32::<4>("vae.decoded")),
+        1e-4,
+    );
+    let _ = std::fs::remove_dir_all(&root);
+}
