@@ -220,22 +220,64 @@ impl<B: Backend> InstaFlowPipeline<B> {
     }
 }
 
-/// Convert pixels `[B, 3, H, W]` in [0, 1] to one interleaved 8-bit RGB buffer per image
-/// (`round(255·x)`, as diffusers' `numpy_to_pil`).
+/// Quantise channel-last pixels in [0, 1] to bytes (`round(255·x)`, as diffusers' `numpy_to_pil`),
+/// one buffer per image, appending an opaque alpha channel when `alpha` is set.
+fn quantize(hwc: &[f32], images: usize, pixels_per_image: usize, alpha: bool) -> Vec<Vec<u8>> {
+    let byte = |x: f32| (x.clamp(0.0, 1.0) * 255.0).round() as u8;
+    hwc.chunks(pixels_per_image * 3)
+        .take(images)
+        .map(|img| {
+            if alpha {
+                img.chunks(3)
+                    .flat_map(|p| [byte(p[0]), byte(p[1]), byte(p[2]), 255])
+                    .collect()
+            } else {
+                img.iter().map(|&x| byte(x)).collect()
+            }
+        })
+        .collect()
+}
+
+/// Pixels `[B, 3, H, W]` in [0, 1] → one interleaved 8-bit RGB buffer per image.
 pub fn to_rgb8<B: Backend>(pixels: Tensor<B, 4>) -> Vec<Vec<u8>> {
-    let [b, c, h, w] = pixels.dims();
+    let [b, _, h, w] = pixels.dims();
     let hwc: Vec<f32> = pixels
         .permute([0, 2, 3, 1])
         .into_data()
         .convert::<f32>()
         .to_vec()
         .expect("f32 pixels");
-    hwc.chunks(h * w * c)
-        .take(b)
-        .map(|img| {
-            img.iter()
-                .map(|&x| (x.clamp(0.0, 1.0) * 255.0).round() as u8)
-                .collect()
-        })
-        .collect()
+    quantize(&hwc, b, h * w, false)
+}
+
+/// Pixels `[B, 3, H, W]` in [0, 1] → one RGBA buffer per image (canvas `ImageData` layout), read
+/// back asynchronously (WebGPU in a browser cannot block).
+pub async fn to_rgba8_async<B: Backend>(pixels: Tensor<B, 4>) -> Result<Vec<Vec<u8>>, String> {
+    let [b, _, h, w] = pixels.dims();
+    let data = pixels
+        .permute([0, 2, 3, 1])
+        .into_data_async()
+        .await
+        .map_err(|e| format!("reading the image back from the device: {e:?}"))?;
+    let hwc: Vec<f32> = data
+        .convert::<f32>()
+        .to_vec()
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(quantize(&hwc, b, h * w, true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{TB, device};
+
+    #[test]
+    fn rgb_and_rgba_agree() {
+        let pixels =
+            Tensor::<TB, 4>::from_floats([[[[0.0, 1.0]], [[0.5, 0.25]], [[1.2, -0.1]]]], &device());
+        let rgb = to_rgb8(pixels.clone());
+        let rgba = futures_lite::future::block_on(to_rgba8_async(pixels)).unwrap();
+        assert_eq!(rgb, vec![vec![0, 128, 255, 255, 64, 0]]);
+        assert_eq!(rgba, vec![vec![0, 128, 255, 255, 255, 64, 0, 255]]);
+    }
 }
