@@ -7,6 +7,36 @@ use burn::tensor::{Tensor, backend::Backend};
 use super::attention::{Transformer2DModel, TransformerSettings};
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetSettings, Upsample2D};
 
+/// One transformer per resnet for cross-attention blocks, none for plain ones.
+fn transformers<B: Backend>(
+    s: &BlockSettings,
+    channels: usize,
+    device: &B::Device,
+) -> Vec<Transformer2DModel<B>> {
+    s.transformer
+        .map(|t| {
+            (0..s.layers)
+                .map(|_| Transformer2DModel::new(channels, t, device))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A resnet followed, in cross-attention blocks, by its transformer.
+fn layer<B: Backend>(
+    resnet: &ResnetBlock2D<B>,
+    attention: Option<&Transformer2DModel<B>>,
+    x: Tensor<B, 4>,
+    temb: Option<&Tensor<B, 2>>,
+    context: Option<&Tensor<B, 3>>,
+) -> Tensor<B, 4> {
+    let x = resnet.forward(x, temb);
+    match (attention, context) {
+        (Some(attn), Some(ctx)) => attn.forward(x, ctx),
+        _ => x,
+    }
+}
+
 /// `CrossAttnDownBlock2D` (with `attentions`) or `DownBlock2D` (without).
 #[derive(Module, Debug)]
 pub struct DownBlock2D<B: Backend> {
@@ -44,12 +74,7 @@ impl<B: Backend> DownBlock2D<B> {
                     )
                 })
                 .collect(),
-            attentions: match s.transformer {
-                Some(t) => (0..s.layers)
-                    .map(|_| Transformer2DModel::new(out_ch, t, device))
-                    .collect(),
-                None => Vec::new(),
-            },
+            attentions: transformers(&s, out_ch, device),
             downsamplers: if s.resample {
                 vec![Downsample2D::new(out_ch, s.downsample_padding, device)]
             } else {
@@ -67,10 +92,7 @@ impl<B: Backend> DownBlock2D<B> {
         skips: &mut Vec<Tensor<B, 4>>,
     ) -> Tensor<B, 4> {
         for (j, resnet) in self.resnets.iter().enumerate() {
-            x = resnet.forward(x, temb);
-            if let (Some(attn), Some(ctx)) = (self.attentions.get(j), context) {
-                x = attn.forward(x, ctx);
-            }
+            x = layer(resnet, self.attentions.get(j), x, temb, context);
             skips.push(x.clone());
         }
         for down in &self.downsamplers {
@@ -110,12 +132,7 @@ impl<B: Backend> UpBlock2D<B> {
                     ResnetBlock2D::new(input + skip, out_ch, s.resnet, device)
                 })
                 .collect(),
-            attentions: match s.transformer {
-                Some(t) => (0..s.layers)
-                    .map(|_| Transformer2DModel::new(out_ch, t, device))
-                    .collect(),
-                None => Vec::new(),
-            },
+            attentions: transformers(&s, out_ch, device),
             upsamplers: if s.resample {
                 vec![Upsample2D::new(out_ch, device)]
             } else {
@@ -134,10 +151,13 @@ impl<B: Backend> UpBlock2D<B> {
     ) -> Tensor<B, 4> {
         for (j, resnet) in self.resnets.iter().enumerate() {
             let skip = skips.pop().expect("as many skips as up-block resnets");
-            x = resnet.forward(Tensor::cat(vec![x, skip], 1), temb);
-            if let (Some(attn), Some(ctx)) = (self.attentions.get(j), context) {
-                x = attn.forward(x, ctx);
-            }
+            x = layer(
+                resnet,
+                self.attentions.get(j),
+                Tensor::cat(vec![x, skip], 1),
+                temb,
+                context,
+            );
         }
         for up in &self.upsamplers {
             x = up.forward(x);
