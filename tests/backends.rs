@@ -15,6 +15,8 @@ use instaflow::solvers::Solver;
 use instaflow::toy::{ToyMlp, ToyMlpConfig};
 use instaflow::velocity::Guided;
 
+mod common;
+
 const N: usize = 64;
 
 fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
@@ -140,23 +142,10 @@ fn conv_matmul_attention_block_runs_on_wgpu() {
 fn sd_models_match_diffusers_on_wgpu() {
     use instaflow::pipeline::{load_unet, load_vae};
     use instaflow::source::ModelSource;
-    use safetensors::SafeTensors;
 
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/parity/conv-f32");
+    let dir = common::repo("tests/fixtures/parity/conv-f32");
     let device = WgpuDevice::DefaultDevice;
-    let bytes = std::fs::read(dir.join("goldens.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let golden = |key: &str| -> (Vec<usize>, Vec<f32>) {
-        let t = st.tensor(key).unwrap();
-        (
-            t.shape().to_vec(),
-            t.data()
-                .chunks(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
-        )
-    };
+    let golden = |key: &str| common::golden("conv-f32", key);
     let tensor = |key: &str| -> Tensor<Wgpu, 4> {
         let (shape, v) = golden(key);
         Tensor::from_data(TensorData::new(v, shape), &device)

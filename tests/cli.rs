@@ -3,6 +3,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+mod common;
+use common::{golden, repo};
+
 fn instaflow() -> Command {
     Command::new(env!("CARGO_BIN_EXE_instaflow"))
 }
@@ -107,12 +110,6 @@ fn help_explains_the_commands() {
 
 // ---- instaflow generate ----
 
-fn repo(path: &str) -> PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .join(path)
-}
-
 /// A complete diffusers folder: a parity fixture plus the CLIP tokenizer.
 fn model_dir(name: &str, config: &str) -> PathBuf {
     let dir = temp_dir(name);
@@ -134,24 +131,6 @@ fn model_dir(name: &str, config: &str) -> PathBuf {
         .unwrap();
     }
     dir
-}
-
-fn golden(config: &str, key: &str) -> (Vec<usize>, Vec<f32>) {
-    let bytes = std::fs::read(
-        repo("tests/fixtures/parity")
-            .join(config)
-            .join("goldens.safetensors"),
-    )
-    .unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor(key).unwrap();
-    (
-        t.shape().to_vec(),
-        t.data()
-            .chunks(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect(),
-    )
 }
 
 fn write_tensor(path: &std::path::Path, name: &str, shape: &[usize], values: &[f32]) {

@@ -264,7 +264,7 @@ fn sharded_weights_load_like_a_single_file() {
         max_abs_diff(out, g.f32::<4>("unet.out")),
         1e-4,
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&root);
 }
 
 #[test]

@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use burn::backend::wgpu::{WgpuDevice, graphics, init_setup_async};
 use burn::backend::{Flex, WebGpu};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
 use instaflow::pipeline::{GenerateOptions, InstaFlowPipeline, to_rgba8_async};
 use instaflow::source::ModelSource;
 use js_sys::{Function, Object, Promise, Reflect, Uint8Array};
@@ -199,11 +198,8 @@ async fn run<B: Backend>(
     let (h, w) = pipe.unet_config.latent_size();
     let shape = [1, pipe.unet_config.in_channels, h, w];
     // Same generator as the native CLI: the same seed gives the same image.
-    let noise = instaflow::noise::standard_normal(
-        &mut instaflow::noise::rng(seed as u64),
-        shape.iter().product(),
-    );
-    let noise = Tensor::<B, 4>::from_data(TensorData::new(noise, shape), device);
+    let noise =
+        instaflow::noise::gaussian::<B, 4>(&mut instaflow::noise::rng(seed as u64), shape, device);
     let latents = pipe.sample(noise, &text, &negative, opts);
     let mut images = to_rgba8_async(pipe.decode(latents))
         .await
