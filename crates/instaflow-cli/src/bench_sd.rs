@@ -1,12 +1,12 @@
 //! `instaflow bench`: text encoder, UNet and VAE decoder at SD-1.5 size with random weights.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor};
 use clap::Args;
+use instaflow::bench::time_runs;
 use instaflow::models::{AutoencoderKLConfig, ClipTextConfig, UNet2DConditionConfig};
 
 use crate::backend::{BackendChoice, resolve};
@@ -34,23 +34,13 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-fn median_s<T>(repeats: usize, mut f: impl FnMut() -> T, done: impl Fn(T)) -> (f64, f64) {
-    let start = Instant::now();
-    done(f());
-    let first = start.elapsed().as_secs_f64();
-    let mut times: Vec<f64> = (0..repeats.max(1))
-        .map(|_| {
-            let start = Instant::now();
-            done(f());
-            start.elapsed().as_secs_f64()
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    (first, times[times.len() / 2])
-}
-
-fn sync<B: Backend, const D: usize>(t: Tensor<B, D>) {
-    let _ = t.slice_dim(0, 0..1).sum().into_data();
+/// (first run, median) in seconds.
+fn median_s<B: Backend, const D: usize>(
+    repeats: usize,
+    f: impl FnMut() -> Tensor<B, D>,
+) -> (f64, f64) {
+    let t = time_runs(repeats, f);
+    (t.first_ms / 1e3, t.median_ms / 1e3)
 }
 
 /// Run `instaflow bench`.
@@ -94,21 +84,19 @@ fn bench<B: Backend>(args: &BenchSdArgs, device: &B::Device) -> [f64; 3] {
 
     let ids = Tensor::<B, 2, Int>::from_ints([[49406i32, 320, 1929, 2038, 49407]], device)
         .pad((0, 72, 0, 0), 49407);
-    let (first, text_s) = median_s(args.repeats, || text.forward(ids.clone()), sync);
+    let (first, text_s) = median_s(args.repeats, || text.forward(ids.clone()));
     eprintln!("text encoder: {text_s:.3} s (first run incl. weight init {first:.2} s)");
 
     let context = Tensor::<B, 3>::random([1, 77, 768], normal, device);
     let sample = Tensor::<B, 4>::random([1, 4, l, l], normal, device);
     let tau = Tensor::<B, 1>::from_floats([1000.0], device);
-    let (first, unet_s) = median_s(
-        args.repeats,
-        || unet.forward(sample.clone(), tau.clone(), &context),
-        sync,
-    );
+    let (first, unet_s) = median_s(args.repeats, || {
+        unet.forward(sample.clone(), tau.clone(), &context)
+    });
     eprintln!("UNet {l}×{l}: {unet_s:.2} s (first run incl. weight init {first:.2} s)");
 
     let latents = Tensor::<B, 4>::random([1, 4, l, l], normal, device);
-    let (first, vae_s) = median_s(args.repeats, || vae.decode(latents.clone()), sync);
+    let (first, vae_s) = median_s(args.repeats, || vae.decode(latents.clone()));
     eprintln!(
         "VAE decode {l}→{}: {vae_s:.2} s (first run incl. weight init {first:.2} s)",
         8 * l

@@ -117,7 +117,7 @@ pub fn run(choice: BackendChoice, args: ToyArgs) -> Result<()> {
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:32} {pos}/{len} {msg}")
             .expect("valid template"),
     );
-    let start = web_time();
+    let start = std::time::Instant::now();
     let mut offset = 0u64;
     let mut last_stage = String::new();
     let mut on_progress = |p: instaflow::toy::ToyProgress| {
@@ -184,8 +184,4 @@ pub fn run(choice: BackendChoice, args: ToyArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn web_time() -> std::time::Instant {
-    std::time::Instant::now()
 }

@@ -53,22 +53,37 @@ impl BlockTimings {
     }
 }
 
-fn median_ms<B: Backend, const D: usize>(
+/// Wall times of a timed computation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RunTimes {
+    /// The first (warm-up) run: kernel compilation, autotune, lazy weight initialisation.
+    pub first_ms: f64,
+    /// Median of the runs after it.
+    pub median_ms: f64,
+}
+
+/// Run `f` once untimed-for-the-median, then `repeats` times, waiting for each result.
+pub fn time_runs<B: Backend, const D: usize>(
     repeats: usize,
     mut f: impl FnMut() -> Tensor<B, D>,
-) -> f64 {
-    // One warm-up run (kernel compilation, autotune, allocation) is not timed.
-    let _ = f().sum().into_data();
-    let mut times: Vec<f64> = (0..repeats.max(1))
-        .map(|_| {
-            let start = Instant::now();
-            // Reading a value back waits for asynchronous backends to finish.
-            let _ = f().sum().into_data();
-            start.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
+) -> RunTimes {
+    // Reading a value back waits for asynchronous backends to finish.
+    let mut run = || {
+        let start = Instant::now();
+        let _ = f().sum().into_data();
+        start.elapsed().as_secs_f64() * 1e3
+    };
+    let first_ms = run();
+    let mut times: Vec<f64> = (0..repeats.max(1)).map(|_| run()).collect();
     times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+    RunTimes {
+        first_ms,
+        median_ms: times[times.len() / 2],
+    }
+}
+
+fn median_ms<B: Backend, const D: usize>(repeats: usize, f: impl FnMut() -> Tensor<B, D>) -> f64 {
+    time_runs(repeats, f).median_ms
 }
 
 /// Time the block on `device`, `repeats` runs per kernel after one warm-up.
