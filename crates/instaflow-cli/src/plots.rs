@@ -140,19 +140,22 @@ pub fn one_step_samples(report: &ToyReport, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Training loss of every stage (log scale).
+/// Training loss of every stage of the toy run (log scale).
 pub fn losses(report: &ToyReport, path: &Path) -> Result<()> {
+    loss_curves(&report.losses, path)
+}
+
+/// Loss curves `(name, [(step, loss)])` on a log scale.
+pub fn loss_curves(curves: &[(String, Vec<(usize, f64)>)], path: &Path) -> Result<()> {
     fonts();
     let root = BitMapBackend::new(path, (800, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let max_step = report
-        .losses
+    let max_step = curves
         .iter()
         .flat_map(|(_, c)| c.iter().map(|p| p.0))
         .max()
         .unwrap_or(1) as f64;
-    let values = report
-        .losses
+    let values = curves
         .iter()
         .flat_map(|(_, c)| c.iter().map(|p| p.1))
         .filter(|v| *v > 0.0);
@@ -175,7 +178,7 @@ pub fn losses(report: &ToyReport, path: &Path) -> Result<()> {
         .x_desc("step")
         .draw()
         .map_err(err)?;
-    for (i, (stage, curve)) in report.losses.iter().enumerate() {
+    for (i, (stage, curve)) in curves.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
         chart
             .draw_series(LineSeries::new(
@@ -198,4 +201,48 @@ pub fn losses(report: &ToyReport, path: &Path) -> Result<()> {
     root.present()
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// A grid of RGB images (rows × columns, each `size`² pixels shown `zoom`× larger) with a label in
+/// front of every row, written as PNG.
+pub fn image_grid(
+    rows: &[(String, Vec<Vec<u8>>)],
+    size: (usize, usize),
+    zoom: usize,
+    path: &Path,
+) -> Result<()> {
+    fonts();
+    let (h, w) = (size.0 * zoom, size.1 * zoom);
+    let cols = rows.iter().map(|r| r.1.len()).max().unwrap_or(0);
+    let label_w = 150;
+    let gap = 2;
+    let width = label_w + cols * (w + gap);
+    let height = rows.len() * (h + gap) + gap;
+    let mut buf = vec![255u8; width * height * 3];
+    for (r, (_, images)) in rows.iter().enumerate() {
+        for (c, img) in images.iter().enumerate() {
+            let (x0, y0) = (label_w + c * (w + gap), gap + r * (h + gap));
+            for y in 0..h {
+                for x in 0..w {
+                    let src = ((y / zoom) * size.1 + x / zoom) * 3;
+                    let dst = ((y0 + y) * width + x0 + x) * 3;
+                    buf[dst..dst + 3].copy_from_slice(&img[src..src + 3]);
+                }
+            }
+        }
+    }
+    {
+        let root =
+            BitMapBackend::with_buffer(&mut buf, (width as u32, height as u32)).into_drawing_area();
+        for (r, (label, _)) in rows.iter().enumerate() {
+            let y = (gap + r * (h + gap) + h / 2) as i32 - 8;
+            root.draw(&Text::new(label.as_str(), (6, y), ("sans-serif", 16)))
+                .map_err(err)?;
+        }
+        root.present().map_err(err)?;
+    }
+    image::RgbImage::from_raw(width as u32, height as u32, buf)
+        .context("grid buffer")?
+        .save(path)
+        .with_context(|| format!("writing {}", path.display()))
 }

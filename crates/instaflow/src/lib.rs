@@ -17,18 +17,26 @@
 //! * [`source`] — model files from a folder or from memory.
 //! * [`weights`] — safetensors loading with precise errors.
 //! * [`toy`] — the whole method on a 2-D conditional problem.
+//! * [`classifier`] — the small CNN behind the Fréchet distance and prompt accuracy.
+//! * [`data`] — caption–image data sets (MNIST-text, emoji) prepared from registry packages.
+//! * [`train`] — 1-RF, k-RF and distillation training with checkpoints; model export.
+//! * [`reflow`] — sharded, resumable reflow pair generation.
 
 pub mod bench;
+pub mod classifier;
+pub mod data;
 pub mod flow;
 pub mod losses;
 pub mod metrics;
 pub mod models;
 pub mod noise;
 pub mod pipeline;
+pub mod reflow;
 pub mod solvers;
 pub mod source;
 pub mod tokenizer;
 pub mod toy;
+pub mod train;
 pub mod velocity;
 pub mod weights;
 

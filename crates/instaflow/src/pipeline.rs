@@ -4,7 +4,7 @@
 //! z = noise;  for i in 0..N:  τ = 1000·(1 − i/N);  v = UNet(z, τ, text)
 //!                             if α ≠ 1: v = v_neg + α·(v − v_neg)
 //!                             z = z + v/N
-//! image = clamp(VAE.decode(z / scaling_factor)/2 + 0.5, 0, 1)
+//! image = clamp(VAE.decode(z / scaling_factor)/2 + 0.5, 0, 1)   (pixel-space models: z itself)
 //! ```
 //! The loop is the crate's Euler solver on the UNet viewed as a [`VelocityField`].
 
@@ -17,7 +17,7 @@ use crate::models::{
     AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, UNet2DConditionConfig,
     UNet2DConditionModel,
 };
-use crate::solvers::euler;
+use crate::solvers::{Solution, Solver, euler};
 use crate::source::{ModelSource, SourceError};
 use crate::tokenizer::{ClipTokenizer, TokenizerError};
 use crate::velocity::{Guided, VelocityField};
@@ -153,11 +153,12 @@ pub struct InstaFlowPipeline<B: Backend> {
     pub text_encoder: ClipTextModel<B>,
     /// The velocity UNet.
     pub unet: UNet2DConditionModel<B>,
-    /// The autoencoder.
-    pub vae: AutoencoderKL<B>,
+    /// The autoencoder; `None` for pixel-space models (no `vae/` folder), whose samples are
+    /// images in `[-1, 1]`.
+    pub vae: Option<AutoencoderKL<B>>,
     /// The UNet's config.
     pub unet_config: UNet2DConditionConfig,
-    /// Latent-to-pixel scale (8 for SD).
+    /// Latent-to-pixel scale (8 for SD, 1 in pixel space).
     pub vae_scale: usize,
 }
 
@@ -172,14 +173,19 @@ impl<B: Backend> InstaFlowPipeline<B> {
         let tokenizer = ClipTokenizer::from_source(source, "tokenizer")?;
         let text_encoder = load_text_encoder(source, "text_encoder", device)?;
         let (unet_config, unet) = load_unet(source, "unet", device)?;
-        let (vae_cfg, vae) = load_vae(source, "vae", device)?;
+        let (vae, vae_scale) = if source.has_dir("vae") {
+            let (cfg, vae) = load_vae(source, "vae", device)?;
+            (Some(vae), 1 << (cfg.block_out_channels.len() - 1))
+        } else {
+            (None, 1)
+        };
         Ok(Self {
             tokenizer,
             text_encoder,
             unet,
             vae,
             unet_config,
-            vae_scale: 1 << (vae_cfg.block_out_channels.len() - 1),
+            vae_scale,
         })
     }
 
@@ -213,9 +219,30 @@ impl<B: Backend> InstaFlowPipeline<B> {
         euler(&ode, noise, 0.0, 1.0, opts.steps, false).x
     }
 
-    /// Decode latents to pixels in [0, 1], `[B, 3, H, W]`.
+    /// Solve the guided ODE from `noise` to `t = 1` with any solver (reflow pairs, evaluation).
+    pub fn solve(
+        &self,
+        noise: Tensor<B, 4>,
+        text: &Tensor<B, 3>,
+        negative: &Tensor<B, 3>,
+        guidance: f64,
+        solver: Solver,
+    ) -> Solution<B, 4> {
+        let ode = Guided::with_guidance(&self.unet, text, negative, guidance);
+        solver.solve(&ode, noise, 0.0, 1.0, false)
+    }
+
+    /// Decode latents to RGB pixels in [0, 1], `[B, 3, H, W]` (grey images are repeated to RGB).
     pub fn decode(&self, latents: Tensor<B, 4>) -> Tensor<B, 4> {
-        let image = self.vae.decode(latents / self.vae.scaling_factor());
+        let image = match &self.vae {
+            Some(vae) => vae.decode(latents / vae.scaling_factor()),
+            None => latents,
+        };
+        let image = if image.dims()[1] == 1 {
+            image.repeat_dim(1, 3)
+        } else {
+            image
+        };
         (image / 2.0 + 0.5).clamp(0.0, 1.0)
     }
 }

@@ -1,0 +1,231 @@
+//! `instaflow reflow`: generate (noise, ODE result) pairs from a teacher for reflow or distillation,
+//! sharded and resumable.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use instaflow::data::ImageTextDataset;
+use instaflow::pipeline::InstaFlowPipeline;
+use instaflow::reflow::{PairPlan, census, generate_shard};
+use instaflow::solvers::{Rk45Options, Solver};
+use instaflow::source::ModelSource;
+
+use crate::backend::{BackendChoice, resolve};
+use crate::with_backend;
+
+/// Options of `instaflow reflow`.
+#[derive(Debug, Args)]
+pub struct ReflowArgs {
+    /// The teacher: a diffusers folder of a rectified-flow model (e.g. `RUN/model` from `train`).
+    #[arg(long)]
+    model: PathBuf,
+    /// Output folder (pairs.json + shard-*/chunk-*.safetensors). Rerun with the same settings to
+    /// resume; other shards may write into the same folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Prompt set D_T: a text file with one prompt per line, or JSONL with a "prompt" field.
+    #[arg(long, conflicts_with = "data")]
+    prompts: Option<PathBuf>,
+    /// Use every caption of this data set (from `instaflow data`) as the prompt set.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Number of pairs in the whole set (all shards).
+    #[arg(long, default_value_t = 10_000)]
+    pairs: usize,
+    /// This process's part, `i/n` (0-based): it makes pairs i, i+n, i+2n, … Run n processes (on
+    /// other GPUs or machines) with the same --out to split the work.
+    #[arg(long, default_value = "0/1")]
+    shard: String,
+    /// ODE solver: `euler:N` (N steps) or `rk45:TOL` (adaptive Dormand–Prince, rtol = atol = TOL).
+    #[arg(long, default_value = "euler:25")]
+    solver: String,
+    /// Guidance α of the teacher (1 = plain conditional).
+    #[arg(long, default_value_t = 1.0)]
+    guidance: f64,
+    /// Seed of the noise (pair i always gets the same noise).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Pairs per chunk file (the unit of resumption).
+    #[arg(long, default_value_t = 256)]
+    chunk: usize,
+    /// Samples per solver batch.
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+}
+
+/// Parse `euler:N` or `rk45:TOL`.
+pub fn parse_solver(s: &str) -> Result<Solver> {
+    let (name, arg) = s.split_once(':').unwrap_or((s, ""));
+    match name {
+        "euler" => {
+            let steps: usize = arg.parse().ok().filter(|&n| n > 0).with_context(|| {
+                format!("--solver {s}: euler needs a positive step count, e.g. euler:25")
+            })?;
+            Ok(Solver::Euler { steps })
+        }
+        "rk45" => {
+            let tol: f64 = if arg.is_empty() {
+                1e-3
+            } else {
+                arg.parse()
+                    .ok()
+                    .filter(|&t: &f64| t > 0.0)
+                    .with_context(|| {
+                        format!("--solver {s}: rk45 needs a positive tolerance, e.g. rk45:1e-3")
+                    })?
+            };
+            Ok(Solver::Rk45(Rk45Options {
+                rtol: tol,
+                atol: tol,
+                max_steps: 1000,
+            }))
+        }
+        _ => bail!("--solver {s}: expected euler:N or rk45:TOL"),
+    }
+}
+
+fn parse_shard(s: &str) -> Result<(usize, usize)> {
+    let parsed = s
+        .split_once('/')
+        .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)));
+    match parsed {
+        Some((i, n)) if n > 0 && i < n => Ok((i, n)),
+        _ => bail!("--shard {s}: expected i/n with 0 ≤ i < n, e.g. 0/4"),
+    }
+}
+
+/// Read a prompt file: plain lines, or JSONL objects with a "prompt" field.
+pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--prompts {}: cannot read", path.display()))?;
+    let mut prompts = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line.starts_with('{') {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
+            let p = v.get("prompt").and_then(|p| p.as_str()).with_context(|| {
+                format!("{}:{}: no string field \"prompt\"", path.display(), i + 1)
+            })?;
+            prompts.push(p.to_string());
+        } else {
+            prompts.push(line.to_string());
+        }
+    }
+    ensure!(
+        !prompts.is_empty(),
+        "--prompts {}: no prompts",
+        path.display()
+    );
+    Ok(prompts)
+}
+
+/// Run `instaflow reflow`.
+pub fn run(choice: BackendChoice, args: ReflowArgs) -> Result<()> {
+    let (shard, of) = parse_shard(&args.shard)?;
+    let solver = parse_solver(&args.solver)?;
+    ensure!(
+        args.pairs > 0 && args.chunk > 0 && args.batch > 0,
+        "--pairs, --chunk and --batch must be positive"
+    );
+    ensure!(
+        args.guidance.is_finite(),
+        "--guidance must be a finite number"
+    );
+    ensure!(
+        args.model.is_dir(),
+        "--model {}: no such folder",
+        args.model.display()
+    );
+    let prompts = match (&args.prompts, &args.data) {
+        (Some(p), _) => read_prompts(p)?,
+        (_, Some(d)) => ImageTextDataset::load(d)?.all_captions(),
+        _ => bail!("give the prompt set: --prompts FILE or --data DIR"),
+    };
+    let selected = resolve(choice)?;
+    eprintln!("backend: {}", selected.name());
+    with_backend!(&selected, B, device => pairs::<B>(&args, prompts, solver, shard, of, &device))
+}
+
+fn pairs<B: Backend>(
+    args: &ReflowArgs,
+    prompts: Vec<String>,
+    solver: Solver,
+    shard: usize,
+    of: usize,
+    device: &B::Device,
+) -> Result<()> {
+    let pipe = InstaFlowPipeline::<B>::load(&ModelSource::dir(&args.model), device)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let (h, w) = pipe.unet_config.latent_size();
+    let plan = PairPlan {
+        prompts,
+        total: args.pairs,
+        seed: args.seed,
+        shape: [pipe.unet_config.in_channels, h, w],
+        chunk: args.chunk,
+        teacher: std::fs::canonicalize(&args.model)?.display().to_string(),
+        solver: args.solver.clone(),
+        guidance: args.guidance,
+    };
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:32} {pos}/{len} pairs {per_sec} eta {eta} {msg}",
+        )
+        .expect("valid template"),
+    );
+    let negative_one = pipe.encode_prompts(&[""], device)?;
+    let start = std::time::Instant::now();
+    let mut nfe = 0usize;
+    let solve = |_: &[usize], prompts: &[&str], noise: Vec<f32>| -> Result<Vec<f32>, String> {
+        let per = noise.len() / prompts.len();
+        let mut out = Vec::with_capacity(noise.len());
+        for (ps, zs) in prompts
+            .chunks(args.batch)
+            .zip(noise.chunks(args.batch * per))
+        {
+            let n = ps.len();
+            let text = pipe.encode_prompts(ps, device).map_err(|e| e.to_string())?;
+            let negative = negative_one.clone().repeat_dim(0, n);
+            let z0 = Tensor::<B, 4>::from_data(
+                TensorData::new(zs.to_vec(), [n, plan.shape[0], h, w]),
+                device,
+            );
+            let sol = pipe.solve(z0, &text, &negative, args.guidance, solver);
+            nfe += sol.nfe;
+            out.extend(
+                sol.x
+                    .into_data()
+                    .convert::<f32>()
+                    .to_vec::<f32>()
+                    .map_err(|e| format!("{e:?}"))?,
+            );
+        }
+        Ok(out)
+    };
+    let made = generate_shard(&plan, &args.out, shard, of, solve, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+    let c = census(&args.out)?;
+    println!(
+        "shard {shard}/{of}: {made} new pairs in {seconds:.1} s ({:.2} pairs/s, {nfe} solver evaluations); \
+         folder holds {}/{} pairs ({} missing, {} duplicated)",
+        made as f64 / seconds.max(1e-9),
+        c.present,
+        plan.total,
+        c.missing.len(),
+        c.duplicates.len()
+    );
+    Ok(())
+}
