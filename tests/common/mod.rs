@@ -1,3 +1,4 @@
+#![allow(dead_code)] // each test binary uses a different subset of these helpers
 //! Helpers shared by the end-to-end tests.
 
 use std::path::{Path, PathBuf};

@@ -15,7 +15,7 @@ use instaflow::velocity::Guided;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::backend::{BackendChoice, resolve};
-use crate::with_backend;
+use crate::{embedded, with_backend};
 
 /// Options of `instaflow generate`.
 #[derive(Debug, Args)]
@@ -23,9 +23,10 @@ pub struct GenerateArgs {
     /// The text prompt (longer prompts are cut to CLIP's 75 tokens, with a warning).
     prompt: String,
     /// A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/), e.g. a local
-    /// copy of XCLiu/instaflow_0_9B_from_sd_1_5.
+    /// copy of XCLiu/instaflow_0_9B_from_sd_1_5 or `RUN/model` from `instaflow distill`. Without
+    /// it, the built-in one-step emoji model (16×16 pixels) is used.
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// Euler steps N (InstaFlow one-step models: 1; 2-rectified-flow models: 10–25).
     #[arg(long, default_value_t = 1)]
     steps: usize,
@@ -54,6 +55,10 @@ pub struct GenerateArgs {
     /// Output PNG (with --batch > 1: out-0.png, out-1.png, …).
     #[arg(long, default_value = "instaflow.png")]
     out: PathBuf,
+    /// Enlarge the PNG by this integer factor (nearest neighbour). Default: 1, or 16 for the
+    /// built-in 16×16 model.
+    #[arg(long)]
+    scale: Option<u32>,
     /// Also write the final latents (before decoding) as an f32 tensor named `latents`.
     #[arg(long)]
     save_latents: Option<PathBuf>,
@@ -158,10 +163,12 @@ pub fn run(choice: BackendChoice, args: GenerateArgs) -> Result<()> {
         "--out {}: the output must be a .png file",
         args.out.display()
     );
+    if let Some(m) = &args.model {
+        ensure!(m.is_dir(), "--model {}: no such folder", m.display());
+    }
     ensure!(
-        args.model.is_dir(),
-        "--model {}: no such folder",
-        args.model.display()
+        args.scale.is_none_or(|s| (1..=64).contains(&s)),
+        "--scale must be between 1 and 64"
     );
     let selected = resolve(choice)?;
     with_backend!(&selected, B, device => generate::<B>(&args, &device, selected.name()))
@@ -174,11 +181,20 @@ fn ms(since: Instant) -> f64 {
 fn generate<B: Backend>(args: &GenerateArgs, device: &B::Device, backend: &str) -> Result<()> {
     let total = Instant::now();
     let t = Instant::now();
-    let source = instaflow::source::ModelSource::dir(&args.model);
+    let (source, model_name) = match &args.model {
+        Some(m) => (
+            instaflow::source::ModelSource::dir(m),
+            m.display().to_string(),
+        ),
+        None => (embedded::default_model(), embedded::NAME.to_string()),
+    };
     let pipe = InstaFlowPipeline::<B>::load(&source, device)
-        .with_context(|| format!("loading {}", args.model.display()))?;
+        .with_context(|| format!("loading {model_name}"))?;
     let load_ms = ms(t);
-    eprintln!("loaded {} in {:.1} s", args.model.display(), load_ms / 1e3);
+    eprintln!("loaded {model_name} in {:.1} s", load_ms / 1e3);
+    let scale = args
+        .scale
+        .unwrap_or(if args.model.is_none() { 16 } else { 1 });
 
     let channels = pipe.unet_config.in_channels;
     let multiple = pipe.vae_scale << (pipe.unet_config.block_out_channels.len() - 1);
@@ -272,6 +288,19 @@ fn generate<B: Backend>(args: &GenerateArgs, device: &B::Device, backend: &str) 
     let mut latents_out = Vec::new();
     for (i, rgb) in images.into_iter().enumerate() {
         let path = indexed(&args.out, i, b);
+        let (rgb, ww, hh) = if scale > 1 {
+            let img =
+                image::RgbImage::from_raw(ww as u32, hh as u32, rgb).context("image buffer")?;
+            let big = image::imageops::resize(
+                &img,
+                ww as u32 * scale,
+                hh as u32 * scale,
+                image::imageops::FilterType::Nearest,
+            );
+            (big.into_raw(), ww * scale as usize, hh * scale as usize)
+        } else {
+            (rgb, ww, hh)
+        };
         let mut png = Vec::new();
         image::ImageEncoder::write_image(
             image::codecs::png::PngEncoder::new(&mut png),
@@ -302,10 +331,10 @@ fn generate<B: Backend>(args: &GenerateArgs, device: &B::Device, backend: &str) 
     let total_ms = ms(total);
     if args.json {
         let summary = serde_json::json!({
-            "prompt": args.prompt, "negative_prompt": args.negative_prompt, "model": args.model,
+            "prompt": args.prompt, "negative_prompt": args.negative_prompt, "model": model_name,
             "backend": backend, "steps": opts.steps, "guidance": opts.guidance,
             "seed": if args.noise.is_some() { None } else { Some(args.seed) },
-            "width": ww, "height": hh, "batch": b, "outputs": outputs, "latents": latents_out,
+            "width": ww * scale as usize, "height": hh * scale as usize, "batch": b, "outputs": outputs, "latents": latents_out,
             "timings_ms": { "load": load_ms, "text_encode": text_ms, "unet_steps": step_ms, "decode": decode_ms, "total": total_ms },
         });
         println!("{}", serde_json::to_string_pretty(&summary)?);

@@ -1,0 +1,287 @@
+//! End-to-end checks of data preparation, training, reflow, distillation and evaluation through
+//! the `instaflow` binary, on the committed 8×8 MNIST subset with the `tiny` architecture.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+mod common;
+use common::repo;
+
+fn instaflow() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_instaflow"));
+    c.args(["--backend", "cpu"]);
+    c
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("instaflow-e2e-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The command fails with one `error:` line mentioning `needle`.
+fn fails(out: Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("error:") && err.contains(needle),
+        "expected {needle:?} in {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+fn data() -> PathBuf {
+    repo("tests/fixtures/data/mnist-8")
+}
+
+fn train(out: &Path, extra: &[&str]) -> Output {
+    instaflow()
+        .args([
+            "train",
+            "--size",
+            "tiny",
+            "--batch",
+            "8",
+            "--checkpoint-every",
+            "3",
+            "--data",
+        ])
+        .arg(data())
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn data_command_reads_the_npm_package_layout() {
+    let dir = temp_dir("pkg");
+    std::fs::create_dir_all(dir.join("package/src/digits")).unwrap();
+    for d in 0..10 {
+        let px: Vec<f32> = (0..784 * 2).map(|i| ((i + d) % 7) as f32 / 7.0).collect();
+        let json = serde_json::json!({ "data": px });
+        std::fs::write(
+            dir.join(format!("package/src/digits/{d}.json")),
+            json.to_string(),
+        )
+        .unwrap();
+    }
+    let out = dir.join("mnist");
+    let stdout = ok(instaflow()
+        .args(["data", "mnist", "--size", "16", "--from"])
+        .arg(&dir)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap());
+    assert!(stdout.contains("20 images 1×16×16"), "{stdout}");
+    assert!(out.join("images.safetensors").is_file() && out.join("LICENCE.txt").is_file());
+    fails(
+        instaflow()
+            .args(["data", "emoji", "--from"])
+            .arg(&dir)
+            .arg("--out")
+            .arg(dir.join("e"))
+            .output()
+            .unwrap(),
+        "emoji.json",
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn train_resume_reflow_distill_and_eval() {
+    let dir = temp_dir("pipeline");
+    let run = dir.join("rf");
+    ok(train(&run, &["--steps", "4"]));
+    for f in [
+        "model/unet/diffusion_pytorch_model.safetensors",
+        "model/text_encoder/model.safetensors",
+        "model/tokenizer/vocab.json",
+        "checkpoint/state.json",
+        "losses.csv",
+        "loss.png",
+    ] {
+        assert!(run.join(f).is_file(), "{f} missing");
+    }
+    // No silent overwrite of a run; --resume continues it.
+    fails(train(&run, &["--steps", "6"]), "--resume");
+    ok(train(&run, &["--steps", "6", "--resume"]));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("train.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps_this_run"], 2);
+    assert_eq!(
+        std::fs::read_to_string(run.join("losses.csv"))
+            .unwrap()
+            .lines()
+            .count(),
+        7
+    );
+
+    // Pairs in two shards, then 2-RF and distillation from them.
+    let pairs = dir.join("pairs");
+    for shard in ["0/2", "1/2"] {
+        ok(instaflow()
+            .args([
+                "reflow", "--pairs", "24", "--chunk", "8", "--solver", "euler:2", "--shard", shard,
+            ])
+            .arg("--model")
+            .arg(run.join("model"))
+            .arg("--data")
+            .arg(data())
+            .arg("--out")
+            .arg(&pairs)
+            .output()
+            .unwrap());
+    }
+    let reflow = dir.join("2rf");
+    ok(instaflow()
+        .args(["train", "--steps", "3", "--batch", "8"])
+        .arg("--pairs")
+        .arg(&pairs)
+        .arg("--init")
+        .arg(run.join("model"))
+        .arg("--out")
+        .arg(&reflow)
+        .output()
+        .unwrap());
+    let student = dir.join("distill");
+    fails(
+        instaflow()
+            .args(["distill", "--steps", "3"])
+            .arg("--pairs")
+            .arg(&pairs)
+            .arg("--out")
+            .arg(&student)
+            .output()
+            .unwrap(),
+        "--init",
+    );
+    ok(instaflow()
+        .args(["distill", "--steps", "3", "--batch", "8"])
+        .arg("--pairs")
+        .arg(&pairs)
+        .arg("--init")
+        .arg(reflow.join("model"))
+        .arg("--out")
+        .arg(&student)
+        .output()
+        .unwrap());
+    // A model of another image shape cannot be trained on this data.
+    let emoji = repo("tests/fixtures/data/emoji-16");
+    fails(
+        instaflow()
+            .args(["train", "--steps", "1"])
+            .arg("--data")
+            .arg(&emoji)
+            .arg("--init")
+            .arg(run.join("model"))
+            .arg("--out")
+            .arg(dir.join("x"))
+            .output()
+            .unwrap(),
+        "training data",
+    );
+
+    let eval = dir.join("eval");
+    let stdout = ok(instaflow()
+        .args([
+            "eval",
+            "--samples",
+            "20",
+            "--steps",
+            "1,2",
+            "--path-samples",
+            "8",
+            "--classifier-epochs",
+            "1",
+        ])
+        .arg("--data")
+        .arg(data())
+        .arg("--model")
+        .arg(format!("2-RF={}", reflow.join("model").display()))
+        .arg("--student")
+        .arg(format!("2-RF+distill={}", student.join("model").display()))
+        .arg("--out")
+        .arg(&eval)
+        .output()
+        .unwrap());
+    for row in ["| 2-RF | 1 |", "| 2-RF | 2 |", "| 2-RF+distill | 1 |"] {
+        assert!(stdout.contains(row), "{row} missing:\n{stdout}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(eval.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(json["rows"].as_array().unwrap().len(), 3);
+    let grid = std::fs::read(eval.join("grid.png")).unwrap();
+    assert_eq!(&grid[..4], b"\x89PNG");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn reflow_resumes_after_kill_9_without_gaps_or_duplicates() {
+    let dir = temp_dir("kill");
+    let model = dir.join("rf");
+    ok(train(&model, &["--steps", "1"]));
+    let pairs = dir.join("pairs");
+    let reflow = || {
+        let mut c = instaflow();
+        c.args([
+            "reflow", "--pairs", "2000", "--chunk", "4", "--batch", "4", "--solver", "euler:8",
+        ])
+        .arg("--model")
+        .arg(model.join("model"))
+        .arg("--data")
+        .arg(data())
+        .arg("--out")
+        .arg(&pairs);
+        c
+    };
+    let mut child = reflow()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let chunks = || {
+        std::fs::read_dir(pairs.join("shard-0-of-1"))
+            .map(|d| {
+                d.filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .path()
+                        .extension()
+                        .is_some_and(|x| x == "safetensors")
+                })
+                .count()
+            })
+            .unwrap_or(0)
+    };
+    let start = std::time::Instant::now();
+    while chunks() < 3 && start.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let before = chunks();
+    assert!((3..500).contains(&before), "killed after {before} chunks");
+    let stdout = ok(reflow().output().unwrap());
+    assert!(
+        stdout.contains("holds 2000/2000 pairs (0 missing, 0 duplicated)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("{} new pairs", 2000 - 4 * before)),
+        "{stdout}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
