@@ -344,3 +344,33 @@ fn vae_with_pre_0_14_attention_names_loads() {
     );
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// The DDIM teacher (for ε-prediction SD models) against diffusers' `DDIMScheduler`, 4 steps,
+/// guidance 1.5 (golden from `tests/parity/make_ddim_golden.py`).
+#[test]
+fn ddim_teacher_matches_diffusers_scheduler() {
+    let name = "conv-f32";
+    let g = Goldens(std::fs::read(fixture(name).join("ddim.safetensors")).unwrap());
+    let (_, unet) = load_unet::<B>(
+        &ModelSource::dir(fixture(name)),
+        "unet",
+        &Default::default(),
+    )
+    .unwrap();
+    let cfg = instaflow::ddim::SchedulerConfig::default();
+    let out = instaflow::ddim::ddim_sample(
+        &unet,
+        g.f32("noise"),
+        &g.f32("text"),
+        &g.f32("negative"),
+        1.5,
+        4,
+        &cfg,
+    );
+    check(
+        name,
+        "DDIM 4 steps, α = 1.5",
+        max_abs_diff(out, g.f32("latents")),
+        1e-4,
+    );
+}

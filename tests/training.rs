@@ -285,3 +285,79 @@ fn reflow_resumes_after_kill_9_without_gaps_or_duplicates() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn reflow_from_an_epsilon_sd_teacher_with_ddim_and_a_jsonl_prompt_set() {
+    let dir = temp_dir("ddim");
+    // The tiny SD-structured parity model plus the tokenizer.
+    for part in ["unet", "vae", "text_encoder"] {
+        let to = dir.join("sd").join(part);
+        std::fs::create_dir_all(&to).unwrap();
+        for e in std::fs::read_dir(repo("tests/fixtures/parity/conv-f32").join(part)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+    let tok = dir.join("sd/tokenizer");
+    std::fs::create_dir_all(&tok).unwrap();
+    for f in ["vocab.json", "merges.txt"] {
+        std::fs::copy(repo("assets/clip-tokenizer").join(f), tok.join(f)).unwrap();
+    }
+    let prompts = dir.join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"a red heart\"}\n{\"prompt\": \"a blue car\"}\n",
+    )
+    .unwrap();
+    let pairs = dir.join("pairs");
+    let stdout = ok(instaflow()
+        .args([
+            "reflow",
+            "--pairs",
+            "3",
+            "--solver",
+            "ddim:2",
+            "--guidance",
+            "1.5",
+        ])
+        .arg("--model")
+        .arg(dir.join("sd"))
+        .arg("--prompts")
+        .arg(&prompts)
+        .arg("--out")
+        .arg(&pairs)
+        .output()
+        .unwrap());
+    assert!(stdout.contains("holds 3/3 pairs"), "{stdout}");
+    let plan: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(pairs.join("pairs.json")).unwrap()).unwrap();
+    assert_eq!(plan["prompts"][1], "a blue car");
+    fails(
+        instaflow()
+            .args(["reflow", "--solver", "ddim:x"])
+            .arg("--model")
+            .arg(dir.join("sd"))
+            .arg("--prompts")
+            .arg(&prompts)
+            .arg("--out")
+            .arg(&pairs)
+            .output()
+            .unwrap(),
+        "ddim needs a positive step count",
+    );
+    std::fs::write(&prompts, "{\"text\": 1}\n").unwrap();
+    fails(
+        instaflow()
+            .args(["reflow"])
+            .arg("--model")
+            .arg(dir.join("sd"))
+            .arg("--prompts")
+            .arg(&prompts)
+            .arg("--out")
+            .arg(dir.join("p2"))
+            .output()
+            .unwrap(),
+        "no string field \"prompt\"",
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -40,7 +40,10 @@ pub struct ReflowArgs {
     /// other GPUs or machines) with the same --out to split the work.
     #[arg(long, default_value = "0/1")]
     shard: String,
-    /// ODE solver: `euler:N` (N steps) or `rk45:TOL` (adaptive Dormand–Prince, rtol = atol = TOL).
+    /// ODE solver: `euler:N` (N steps) or `rk45:TOL` (adaptive Dormand–Prince, rtol = atol = TOL)
+    /// for rectified-flow teachers; `ddim:N` for ε-prediction Stable Diffusion teachers (the
+    /// probability-flow ODE by deterministic DDIM, settings from scheduler/scheduler_config.json,
+    /// else SD 1.5's) — how InstaFlow makes its 1-RF pairs from SD 1.5.
     #[arg(long, default_value = "euler:25")]
     solver: String,
     /// Guidance α of the teacher (1 = plain conditional).
@@ -57,8 +60,28 @@ pub struct ReflowArgs {
     batch: usize,
 }
 
-/// Parse `euler:N` or `rk45:TOL`.
-pub fn parse_solver(s: &str) -> Result<Solver> {
+/// How the teacher's ODE is solved.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TeacherSolver {
+    /// A rectified-flow teacher and one of the crate's ODE solvers.
+    Flow(Solver),
+    /// An ε-prediction SD teacher through deterministic DDIM with this many steps.
+    Ddim(usize),
+}
+
+/// Parse `euler:N`, `rk45:TOL` or `ddim:N`.
+pub fn parse_solver(s: &str) -> Result<TeacherSolver> {
+    let (name, arg) = s.split_once(':').unwrap_or((s, ""));
+    if name == "ddim" {
+        let steps: usize = arg.parse().ok().filter(|&n| n > 0).with_context(|| {
+            format!("--solver {s}: ddim needs a positive step count, e.g. ddim:25")
+        })?;
+        return Ok(TeacherSolver::Ddim(steps));
+    }
+    parse_flow_solver(s).map(TeacherSolver::Flow)
+}
+
+fn parse_flow_solver(s: &str) -> Result<Solver> {
     let (name, arg) = s.split_once(':').unwrap_or((s, ""));
     match name {
         "euler" => {
@@ -84,7 +107,7 @@ pub fn parse_solver(s: &str) -> Result<Solver> {
                 max_steps: 1000,
             }))
         }
-        _ => bail!("--solver {s}: expected euler:N or rk45:TOL"),
+        _ => bail!("--solver {s}: expected euler:N, rk45:TOL or ddim:N"),
     }
 }
 
@@ -157,7 +180,7 @@ pub fn run(choice: BackendChoice, args: ReflowArgs) -> Result<()> {
 fn pairs<B: Backend>(
     args: &ReflowArgs,
     prompts: Vec<String>,
-    solver: Solver,
+    solver: TeacherSolver,
     shard: usize,
     of: usize,
     device: &B::Device,
@@ -183,6 +206,23 @@ fn pairs<B: Backend>(
         .expect("valid template"),
     );
     let negative_one = pipe.encode_prompts(&[""], device)?;
+    let scheduler = match solver {
+        TeacherSolver::Ddim(_) => {
+            let source = ModelSource::dir(&args.model);
+            let cfg = if source.exists("scheduler/scheduler_config.json") {
+                instaflow::pipeline::read_config::<instaflow::ddim::SchedulerConfig>(
+                    &source,
+                    "scheduler",
+                )?
+            } else {
+                instaflow::ddim::SchedulerConfig::default()
+            };
+            cfg.validate()
+                .map_err(|e| anyhow::anyhow!("{}/scheduler: {e}", args.model.display()))?;
+            Some(cfg)
+        }
+        TeacherSolver::Flow(_) => None,
+    };
     let start = std::time::Instant::now();
     let mut nfe = 0usize;
     let solve = |_: &[usize], prompts: &[&str], noise: Vec<f32>| -> Result<Vec<f32>, String> {
@@ -199,11 +239,28 @@ fn pairs<B: Backend>(
                 TensorData::new(zs.to_vec(), [n, plan.shape[0], h, w]),
                 device,
             );
-            let sol = pipe.solve(z0, &text, &negative, args.guidance, solver);
-            nfe += sol.nfe;
+            let x = match (solver, &scheduler) {
+                (TeacherSolver::Flow(solver), _) => {
+                    let sol = pipe.solve(z0, &text, &negative, args.guidance, solver);
+                    nfe += sol.nfe;
+                    sol.x
+                }
+                (TeacherSolver::Ddim(steps), Some(cfg)) => {
+                    nfe += steps * if args.guidance == 1.0 { 1 } else { 2 };
+                    instaflow::ddim::ddim_sample(
+                        &pipe.unet,
+                        z0,
+                        &text,
+                        &negative,
+                        args.guidance,
+                        steps,
+                        cfg,
+                    )
+                }
+                (TeacherSolver::Ddim(_), None) => unreachable!("scheduler read above"),
+            };
             out.extend(
-                sol.x
-                    .into_data()
+                x.into_data()
                     .convert::<f32>()
                     .to_vec::<f32>()
                     .map_err(|e| format!("{e:?}"))?,

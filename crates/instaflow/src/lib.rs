@@ -20,11 +20,13 @@
 //! * [`classifier`] — the small CNN behind the Fréchet distance and prompt accuracy.
 //! * [`data`] — caption–image data sets (MNIST-text, emoji) prepared from registry packages.
 //! * [`train`] — 1-RF, k-RF and distillation training with checkpoints; model export.
+//! * [`ddim`] — DDIM for ε-prediction SD teachers (InstaFlow's 1-RF pairs).
 //! * [`reflow`] — sharded, resumable reflow pair generation.
 
 pub mod bench;
 pub mod classifier;
 pub mod data;
+pub mod ddim;
 pub mod flow;
 pub mod losses;
 pub mod metrics;
