@@ -75,6 +75,9 @@ fn named(spec: &str) -> Result<(String, PathBuf)> {
     Ok((name.to_string(), path))
 }
 
+/// Noise, text embeddings and null embeddings of one batch.
+type Batch<B> = (Tensor<B, 4>, Tensor<B, 3>, Tensor<B, 3>);
+
 /// One row of the table.
 #[derive(Debug, Clone, serde::Serialize)]
 struct Row {
@@ -248,24 +251,21 @@ fn evaluate<B: AutodiffBackend>(
             [pipe.unet_config.in_channels, h, w]
         );
         let negative_one = pipe.encode_prompts(&[""], idev)?;
-        let batch_tensors =
-            |start: usize,
-             end: usize|
-             -> Result<(Tensor<I<B>, 4>, Tensor<I<B>, 3>, Tensor<I<B>, 3>)> {
-                let ps: Vec<&str> = prompts[start..end].iter().map(String::as_str).collect();
-                let z0 = Tensor::from_data(
-                    TensorData::new(
-                        noise[start * per..end * per].to_vec(),
-                        [end - start, shape[0], shape[1], shape[2]],
-                    ),
-                    idev,
-                );
-                Ok((
-                    z0,
-                    pipe.encode_prompts(&ps, idev)?,
-                    negative_one.clone().repeat_dim(0, end - start),
-                ))
-            };
+        let batch_tensors = |start: usize, end: usize| -> Result<Batch<I<B>>> {
+            let ps: Vec<&str> = prompts[start..end].iter().map(String::as_str).collect();
+            let z0 = Tensor::from_data(
+                TensorData::new(
+                    noise[start * per..end * per].to_vec(),
+                    [end - start, shape[0], shape[1], shape[2]],
+                ),
+                idev,
+            );
+            Ok((
+                z0,
+                pipe.encode_prompts(&ps, idev)?,
+                negative_one.clone().repeat_dim(0, end - start),
+            ))
+        };
         // Path statistics of the flow (straightness needs many small steps; NFE from RK45).
         let (paths, nfe) = if is_flow {
             let m = args.path_samples.min(n);
@@ -307,7 +307,7 @@ fn evaluate<B: AutodiffBackend>(
                 );
                 let x = x.clamp(-1.0, 1.0);
                 if start == 0 {
-                    first_row = to_rgb8(pipe.decode(x.clone().slice([0..k.min(end)])));
+                    first_row = to_rgb8(pipe.decode(x.clone().narrow(0, 0, k.min(end))));
                 }
                 let (f, pred) = features(&clf, x);
                 correct += pred
@@ -344,9 +344,8 @@ fn evaluate<B: AutodiffBackend>(
 
     // 4. Reports.
     let fmt = |v: Option<f64>, d: usize| v.map_or_else(|| "—".to_string(), |x| format!("{x:.d$}"));
-    let mut md = format!(
-        "| model | N | FD ↓ | prompt accuracy ↑ | straightness ↓ | transport cost | RK45 NFE |\n|---|---:|---:|---:|---:|---:|---:|\n"
-    );
+    let mut md = "| model | N | FD ↓ | prompt accuracy ↑ | straightness ↓ | transport cost | RK45 NFE |\n|---|---:|---:|---:|---:|---:|---:|\n"
+        .to_string();
     for r in &rows {
         md += &format!(
             "| {} | {} | {:.3} | {:.1}% | {} | {} | {} |\n",

@@ -143,7 +143,12 @@ fn moments(x: &[f32], dim: usize) -> (nalgebra::DVector<f64>, nalgebra::DMatrix<
 /// `‖μa − μb‖² + Tr(Σa + Σb − 2 (Σa^½ Σb Σa^½)^½)`, the formula of FID, computed with symmetric
 /// eigendecompositions so it stays real and stable.
 pub fn frechet_distance(a: &[f32], b: &[f32], dim: usize) -> f64 {
-    assert!(a.len() >= 2 * dim && b.len() >= 2 * dim && a.len() % dim == 0 && b.len() % dim == 0);
+    assert!(
+        a.len() >= 2 * dim
+            && b.len() >= 2 * dim
+            && a.len().is_multiple_of(dim)
+            && b.len().is_multiple_of(dim)
+    );
     let (mu_a, cov_a) = moments(a, dim);
     let (mu_b, cov_b) = moments(b, dim);
     let sqrt_psd = |m: nalgebra::DMatrix<f64>| {

@@ -216,11 +216,11 @@ fn chunk_files(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     Ok(files)
 }
 
+/// One pair read from disk: id, noise, result.
+type Row = (usize, Vec<f32>, Vec<f32>);
+
 /// Read every chunk of a pair folder (all shards).
-fn read_all(
-    dir: &Path,
-    with_data: bool,
-) -> Result<(PairPlan, PairCensus, Vec<(usize, Vec<f32>, Vec<f32>)>), DataError> {
+fn read_all(dir: &Path, with_data: bool) -> Result<(PairPlan, PairCensus, Vec<Row>), DataError> {
     let plan = PairPlan::read(dir)?;
     let n: usize = plan.shape.iter().product();
     let mut seen = BTreeSet::new();

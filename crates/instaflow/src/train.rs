@@ -83,7 +83,7 @@ impl ModelSpec {
             _ => return Err(format!("unknown model size {name:?} (one of {PRESETS:?})")),
         };
         let levels = blocks.len();
-        if size % (1 << (levels - 1)) != 0 {
+        if !size.is_multiple_of(1 << (levels - 1)) {
             return Err(format!(
                 "image size {size} must be a multiple of {}",
                 1 << (levels - 1)

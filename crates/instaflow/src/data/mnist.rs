@@ -66,7 +66,7 @@ pub fn from_package(path: &Path, size: usize) -> Result<ImageTextDataset, DataEr
         let file = dir.join(format!("src/digits/{digit}.json"));
         let text = std::fs::read(&file).map_err(|e| invalid(&file, e))?;
         let d: Digits = serde_json::from_slice(&text).map_err(|e| invalid(&file, e))?;
-        if d.data.is_empty() || d.data.len() % 784 != 0 {
+        if d.data.is_empty() || !d.data.len().is_multiple_of(784) {
             return Err(invalid(
                 &file,
                 format!(
