@@ -16,6 +16,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::backend::{BackendChoice, resolve};
 use crate::{embedded, with_backend};
+use instaflow::data::write_atomic;
 
 /// Options of `instaflow generate`.
 #[derive(Debug, Args)]
@@ -81,21 +82,6 @@ fn indexed(path: &Path, i: usize, n: usize) -> PathBuf {
         None => format!("{stem}-{i}"),
     };
     path.with_file_name(name)
-}
-
-/// Write via a temporary file and rename, so a failure never leaves a partial file at `path`.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().unwrap_or_default().to_string_lossy(),
-        std::process::id()
-    ));
-    fs::write(&tmp, bytes).with_context(|| format!("writing {}", path.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
 /// The initial latents from `--noise`: one finite f32 tensor of rank 4.

@@ -12,7 +12,9 @@ use instaflow::data::ImageTextDataset;
 use instaflow::reflow::PairSet;
 use instaflow::source::ModelSource;
 use instaflow::tokenizer::ClipTokenizer;
-use instaflow::train::{ModelSpec, Stage, TrainConfig, TrainData, Trainer, load_model, save_model};
+use instaflow::train::{
+    ModelSpec, Stage, TrainConfig, TrainData, Trainer, checkpoint_to_resume, load_model, save_model,
+};
 
 use crate::backend::{BackendChoice, resolve};
 use crate::{embedded, plots, with_backend};
@@ -110,10 +112,7 @@ pub fn run(choice: BackendChoice, args: TrainArgs, distill: bool) -> Result<()> 
     };
     check(&args, stage)?;
     let ckpt = args.out.join("checkpoint");
-    if !args.resume
-        && Trainer::<burn::backend::Autodiff<burn::backend::Flex>>::checkpoint_to_resume(&ckpt)
-            .is_some()
-    {
+    if !args.resume && checkpoint_to_resume(&ckpt).is_some() {
         bail!(
             "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
             args.out.display()
@@ -171,7 +170,7 @@ fn train<B: AutodiffBackend>(
         Trainer::new(model, config, stage, tokenizer, device).map_err(anyhow::Error::msg)?;
     let ckpt = args.out.join("checkpoint");
     if args.resume {
-        let Some(from) = Trainer::<B>::checkpoint_to_resume(&ckpt) else {
+        let Some(from) = checkpoint_to_resume(&ckpt) else {
             bail!("--resume: no checkpoint in {}", ckpt.display());
         };
         trainer.resume(&from)?;

@@ -183,19 +183,17 @@ fn save_safetensors<B: Backend, M: ModuleSnapshot<B>>(
     path: &Path,
     half: bool,
 ) -> Result<(), String> {
-    let adapter: Box<dyn Fn() -> SafetensorsStore> = Box::new(move || {
-        let store = SafetensorsStore::from_file(path)
-            .overwrite(true)
-            .skip_enum_variants(true);
-        if half {
-            store.with_to_adapter(BurnToPyTorchAdapter.chain(HalfPrecisionAdapter::new()))
-        } else {
-            store.with_to_adapter(BurnToPyTorchAdapter)
-        }
-    });
+    let store = SafetensorsStore::from_file(path)
+        .overwrite(true)
+        .skip_enum_variants(true);
+    let store = if half {
+        store.with_to_adapter(BurnToPyTorchAdapter.chain(HalfPrecisionAdapter::new()))
+    } else {
+        store.with_to_adapter(BurnToPyTorchAdapter)
+    };
     let mut store = SAVE_REMAPS
         .iter()
-        .fold(adapter(), |s, (from, to)| s.with_key_remapping(*from, *to));
+        .fold(store, |s, (from, to)| s.with_key_remapping(*from, *to));
     module
         .save_into(&mut store)
         .map_err(|e| format!("writing {}: {e}", path.display()))
@@ -366,6 +364,13 @@ impl<B: Backend> ModuleMapper<B> for Blend<B> {
         };
         Param::from_mapped_value(id, tensor, mapper)
     }
+}
+
+/// The checkpoint folder to resume from: `dir`, or its `.old` twin if a save was cut short.
+pub fn checkpoint_to_resume(dir: &Path) -> Option<PathBuf> {
+    [dir.to_path_buf(), dir.with_extension("old")]
+        .into_iter()
+        .find(|d| d.join("state.json").is_file())
 }
 
 type Optim<B> = OptimizerAdaptor<AdamW, TextToImage<B>, B>;
@@ -548,13 +553,6 @@ impl<B: AutodiffBackend> Trainer<B> {
         Ok(())
     }
 
-    /// The checkpoint folder to resume from: `dir`, or its `.old` twin if a save was cut short.
-    pub fn checkpoint_to_resume(dir: &Path) -> Option<PathBuf> {
-        [dir.to_path_buf(), dir.with_extension("old")]
-            .into_iter()
-            .find(|d| d.join("state.json").is_file())
-    }
-
     /// Continue from a checkpoint written by [`Trainer::save_checkpoint`]. The stage and settings
     /// must match the run being resumed.
     pub fn resume(&mut self, dir: &Path) -> Result<(), DataError> {
@@ -674,7 +672,7 @@ mod tests {
         // A fresh process: other initial weights, then the checkpoint.
         let mut b = trainer(Stage::Flow, 6, 3e-3);
         b.train_step(&data).unwrap();
-        let from = Trainer::<AD>::checkpoint_to_resume(&dir).unwrap();
+        let from = checkpoint_to_resume(&dir).unwrap();
         b.resume(&from).unwrap();
         assert_eq!(b.step, 3);
         let next_b: Vec<f64> = (0..3).map(|_| b.train_step(&data).unwrap()).collect();
@@ -779,21 +777,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("instaflow-export-{}", std::process::id()));
         let spec = ModelSpec::preset("tiny", 1, 8).unwrap();
         let model = spec.init::<TB>(&device()).unwrap();
-        let tok_src = ModelSource::dir(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/clip-tokenizer/.."),
-        );
-        let tok_src = match tok_src {
-            ModelSource::Dir(d) => {
-                // the tokenizer folder must be called `tokenizer`; copy it
-                let t = dir.join("src/tokenizer");
-                std::fs::create_dir_all(&t).unwrap();
-                for f in ["vocab.json", "merges.txt"] {
-                    std::fs::copy(d.join("clip-tokenizer").join(f), t.join(f)).unwrap();
-                }
-                ModelSource::dir(dir.join("src"))
-            }
-            other => other,
-        };
+        // save_model copies `tokenizer/` from a model source: lay the assets out that way.
+        let tok = dir.join("src/tokenizer");
+        std::fs::create_dir_all(&tok).unwrap();
+        let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/clip-tokenizer");
+        for f in ["vocab.json", "merges.txt"] {
+            std::fs::copy(assets.join(f), tok.join(f)).unwrap();
+        }
+        let tok_src = ModelSource::dir(dir.join("src"));
         for half in [false, true] {
             let out = dir.join(if half { "f16" } else { "f32" });
             save_model(&model, &spec, &tok_src, &out, half).unwrap();
