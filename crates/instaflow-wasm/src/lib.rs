@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use burn::backend::wgpu::{WgpuDevice, graphics, init_setup_async};
 use burn::backend::{Flex, WebGpu};
 use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
 use instaflow::pipeline::{GenerateOptions, InstaFlowPipeline, to_rgba8_async};
 use instaflow::source::ModelSource;
 use js_sys::{Function, Object, Promise, Reflect, Uint8Array};
@@ -44,14 +45,44 @@ enum Engine {
     Cpu(Box<InstaFlowPipeline<Flex>>),
 }
 
-/// A generated image: RGBA bytes for a canvas `ImageData`, and how it was made.
+/// Keep the message of a Rust panic where JavaScript can read it (`globalThis.__instaflowPanic`)
+/// after the wasm trap that follows it: the JS wrapper turns "unreachable" into this message.
+#[wasm_bindgen(start)]
+pub fn start() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info.to_string();
+        let _ = Reflect::set(
+            &js_sys::global(),
+            &"__instaflowPanic".into(),
+            &message.clone().into(),
+        );
+        web_sys_console_error(&message);
+    }));
+}
+
+fn web_sys_console_error(message: &str) {
+    let console = Reflect::get(&js_sys::global(), &"console".into()).ok();
+    let error = console
+        .as_ref()
+        .and_then(|c| Reflect::get(c, &"error".into()).ok())
+        .and_then(|f| f.dyn_into::<Function>().ok());
+    if let (Some(console), Some(error)) = (console, error) {
+        let _ = error.call1(&console, &message.into());
+    }
+}
+
+/// A generated image: RGBA bytes for a canvas `ImageData`, how it was made and how long it took.
 #[wasm_bindgen]
 pub struct GeneratedImage {
     width: u32,
     height: u32,
     rgba: Vec<u8>,
+    latents: Option<Vec<f32>>,
     backend: String,
-    millis: f64,
+    encode_ms: f64,
+    unet_ms: f64,
+    decode_ms: f64,
+    total_ms: f64,
 }
 
 #[wasm_bindgen]
@@ -66,20 +97,40 @@ impl GeneratedImage {
     pub fn height(&self) -> u32 {
         self.height
     }
-    /// Pixels, 4 bytes each (RGBA).
+    /// Pixels, 4 bytes each (RGBA, opaque).
     #[wasm_bindgen(getter)]
     pub fn rgba(&self) -> js_sys::Uint8ClampedArray {
         js_sys::Uint8ClampedArray::from(self.rgba.as_slice())
+    }
+    /// The final latents `[1, C, h, w]` before decoding, when asked for.
+    #[wasm_bindgen(getter)]
+    pub fn latents(&self) -> Option<js_sys::Float32Array> {
+        self.latents.as_deref().map(js_sys::Float32Array::from)
     }
     /// `webgpu` or `cpu`.
     #[wasm_bindgen(getter)]
     pub fn backend(&self) -> String {
         self.backend.clone()
     }
-    /// Wall time of the generation in milliseconds.
-    #[wasm_bindgen(getter)]
-    pub fn millis(&self) -> f64 {
-        self.millis
+    /// Milliseconds in the text encoder (finished, not just queued).
+    #[wasm_bindgen(getter, js_name = encodeMs)]
+    pub fn encode_ms(&self) -> f64 {
+        self.encode_ms
+    }
+    /// Milliseconds in the UNet steps.
+    #[wasm_bindgen(getter, js_name = unetMs)]
+    pub fn unet_ms(&self) -> f64 {
+        self.unet_ms
+    }
+    /// Milliseconds decoding to pixels and reading them back.
+    #[wasm_bindgen(getter, js_name = decodeMs)]
+    pub fn decode_ms(&self) -> f64 {
+        self.decode_ms
+    }
+    /// Milliseconds from the call to the pixels.
+    #[wasm_bindgen(getter, js_name = totalMs)]
+    pub fn total_ms(&self) -> f64 {
+        self.total_ms
     }
 }
 
@@ -91,6 +142,10 @@ pub struct InstaFlow {
 
 fn now_ms() -> f64 {
     js_sys::Date::now()
+}
+
+fn js_error(e: impl std::fmt::Display) -> JsError {
+    JsError::new(&e.to_string())
 }
 
 /// The files of a diffusers folder from a JS object mapping relative paths (`unet/config.json`, …)
@@ -114,29 +169,38 @@ fn files_from_js(files: &JsValue) -> Result<BTreeMap<String, Vec<u8>>, JsError> 
 
 #[wasm_bindgen]
 impl InstaFlow {
-    /// Load a model from its files. Uses WebGPU when the browser provides an adapter and
-    /// `allowGpu` is true, else the CPU backend.
+    /// Load a model from the files of a diffusers folder (object: relative path → `Uint8Array`).
+    /// `backend`: `"auto"` (WebGPU when the browser gives an adapter, else CPU), `"webgpu"` (fail
+    /// without an adapter) or `"cpu"`.
     #[wasm_bindgen(js_name = fromFiles)]
-    pub async fn from_files(files: JsValue, allow_gpu: bool) -> Result<InstaFlow, JsError> {
+    pub async fn from_files(files: JsValue, backend: String) -> Result<InstaFlow, JsError> {
         let source = ModelSource::Memory {
-            name: "model".into(),
+            name: "model folder".into(),
             files: files_from_js(&files)?,
         };
-        let engine = if allow_gpu && webgpu_adapter_available().await {
+        let gpu = match backend.as_str() {
+            "cpu" => false,
+            "auto" => webgpu_adapter_available().await,
+            "webgpu" if webgpu_adapter_available().await => true,
+            "webgpu" => {
+                return Err(JsError::new(
+                    "WebGPU is not available in this browser (no navigator.gpu adapter)",
+                ));
+            }
+            other => {
+                return Err(JsError::new(&format!(
+                    "backend `{other}`: expected \"auto\", \"webgpu\" or \"cpu\""
+                )));
+            }
+        };
+        let engine = if gpu {
             let device = WgpuDevice::default();
             init_setup_async::<graphics::WebGpu>(&device, Default::default()).await;
-            Engine::Gpu(
-                Box::new(
-                    InstaFlowPipeline::load(&source, &device)
-                        .map_err(|e| JsError::new(&e.to_string()))?,
-                ),
-                device,
-            )
+            let pipe = InstaFlowPipeline::load(&source, &device).map_err(js_error)?;
+            Engine::Gpu(Box::new(pipe), device)
         } else {
-            Engine::Cpu(Box::new(
-                InstaFlowPipeline::load(&source, &Default::default())
-                    .map_err(|e| JsError::new(&e.to_string()))?,
-            ))
+            let pipe = InstaFlowPipeline::load(&source, &Default::default()).map_err(js_error)?;
+            Engine::Cpu(Box::new(pipe))
         };
         Ok(InstaFlow { engine })
     }
@@ -150,60 +214,144 @@ impl InstaFlow {
         }
     }
 
-    /// Generate one image from `prompt` with noise from `seed`, `steps` Euler steps and guidance α.
+    /// Shape of the initial noise `[1, C, h, w]` (what `noise` in [`InstaFlow::generate`] must hold).
+    #[wasm_bindgen(getter, js_name = noiseShape)]
+    pub fn noise_shape(&self) -> Vec<u32> {
+        let cfg = match &self.engine {
+            Engine::Gpu(p, _) => &p.unet_config,
+            Engine::Cpu(p) => &p.unet_config,
+        };
+        let (h, w) = cfg.latent_size();
+        [1, cfg.in_channels, h, w].map(|d| d as u32).to_vec()
+    }
+
+    /// Generate one image. The initial noise is `noise` (`[1, C, h, w]` flattened) if given, else
+    /// drawn from `seed` with the native CLI's generator (same seed, same image); `steps` Euler
+    /// steps; guidance α (1: one UNet call per step). `latents` also returns the final latents.
     pub async fn generate(
         &self,
         prompt: String,
         seed: u32,
+        noise: Option<Vec<f32>>,
         steps: u32,
         guidance: f64,
+        latents: bool,
     ) -> Result<GeneratedImage, JsError> {
         if steps == 0 || !guidance.is_finite() {
             return Err(JsError::new(
                 "steps must be ≥ 1 and guidance a finite number",
             ));
         }
-        let opts = GenerateOptions {
-            steps: steps as usize,
-            guidance,
+        let request = Request {
+            prompt,
+            seed,
+            noise,
+            opts: GenerateOptions {
+                steps: steps as usize,
+                guidance,
+            },
+            latents,
         };
-        let start = now_ms();
-        let (width, height, rgba) = match &self.engine {
-            Engine::Gpu(pipe, device) => run(pipe, device, &prompt, seed, opts).await?,
-            Engine::Cpu(pipe) => run(pipe, &Default::default(), &prompt, seed, opts).await?,
+        let mut image = match &self.engine {
+            Engine::Gpu(pipe, device) => run(pipe, device, request).await?,
+            Engine::Cpu(pipe) => run(pipe, &Default::default(), request).await?,
         };
-        Ok(GeneratedImage {
-            width,
-            height,
-            rgba,
-            backend: self.backend(),
-            millis: now_ms() - start,
-        })
+        image.backend = self.backend();
+        Ok(image)
     }
+}
+
+/// One generation call's inputs.
+struct Request {
+    prompt: String,
+    seed: u32,
+    noise: Option<Vec<f32>>,
+    opts: GenerateOptions,
+    latents: bool,
+}
+
+/// Wait until the device has computed `t` (WebGPU queues work; only a readback waits for it), so
+/// stage timings mean finished work.
+async fn settle<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Result<(), JsError> {
+    t.clone()
+        .sum()
+        .into_data_async()
+        .await
+        .map(|_| ())
+        .map_err(|e| JsError::new(&format!("device error: {e:?}")))
 }
 
 async fn run<B: Backend>(
     pipe: &InstaFlowPipeline<B>,
     device: &B::Device,
-    prompt: &str,
-    seed: u32,
-    opts: GenerateOptions,
-) -> Result<(u32, u32, Vec<u8>), JsError> {
-    let text = pipe
-        .encode_prompts(&[prompt], device)
-        .map_err(|e| JsError::new(&e.to_string()))?;
-    let negative = pipe
-        .encode_prompts(&[""], device)
-        .map_err(|e| JsError::new(&e.to_string()))?;
+    req: Request,
+) -> Result<GeneratedImage, JsError> {
+    let start = now_ms();
     let (h, w) = pipe.unet_config.latent_size();
     let shape = [1, pipe.unet_config.in_channels, h, w];
-    // Same generator as the native CLI: the same seed gives the same image.
-    let noise =
-        instaflow::noise::gaussian::<B, 4>(&mut instaflow::noise::rng(seed as u64), shape, device);
-    let latents = pipe.sample(noise, &text, &negative, opts);
+    let noise = match req.noise {
+        Some(values) => {
+            let expected: usize = shape.iter().product();
+            if values.len() != expected {
+                return Err(JsError::new(&format!(
+                    "noise has {} values; this model needs {expected} (shape {shape:?})",
+                    values.len()
+                )));
+            }
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(JsError::new(&format!("noise value {i} is not finite")));
+            }
+            Tensor::from_data(TensorData::new(values, shape), device)
+        }
+        // Same generator as the native CLI: the same seed gives the same image.
+        None => instaflow::noise::gaussian::<B, 4>(
+            &mut instaflow::noise::rng(req.seed as u64),
+            shape,
+            device,
+        ),
+    };
+    let text = pipe
+        .encode_prompts(&[req.prompt.as_str()], device)
+        .map_err(js_error)?;
+    // The null branch costs a text-encoder call and is only used when α ≠ 1.
+    let negative = if req.opts.guidance != 1.0 {
+        pipe.encode_prompts(&[""], device).map_err(js_error)?
+    } else {
+        text.clone()
+    };
+    settle(&negative).await?;
+    let encoded = now_ms();
+    let latents = pipe.sample(noise, &text, &negative, req.opts);
+    settle(&latents).await?;
+    let sampled = now_ms();
+    let latent_values = if req.latents {
+        let data = latents
+            .clone()
+            .into_data_async()
+            .await
+            .map_err(|e| JsError::new(&format!("reading latents back: {e:?}")))?;
+        Some(
+            data.convert::<f32>()
+                .to_vec()
+                .map_err(|e| JsError::new(&format!("{e:?}")))?,
+        )
+    } else {
+        None
+    };
     let mut images = to_rgba8_async(pipe.decode(latents))
         .await
         .map_err(|e| JsError::new(&e))?;
+    let end = now_ms();
     let scale = pipe.vae_scale;
-    Ok(((w * scale) as u32, (h * scale) as u32, images.remove(0)))
+    Ok(GeneratedImage {
+        width: (w * scale) as u32,
+        height: (h * scale) as u32,
+        rgba: images.remove(0),
+        latents: latent_values,
+        backend: String::new(),
+        encode_ms: encoded - start,
+        unet_ms: sampled - encoded,
+        decode_ms: end - sampled,
+        total_ms: end - start,
+    })
 }

@@ -1,0 +1,103 @@
+/** Bytes loaded so far while fetching or reading a model's files. */
+export interface LoadProgress {
+  /** The file the last bytes belonged to, e.g. `unet/diffusion_pytorch_model.safetensors`. */
+  file: string;
+  /** Bytes read so far, all files together. */
+  loaded: number;
+  /** Bytes expected, all files whose size is known so far. */
+  total: number;
+}
+
+/** Where a model's files come from: the URL of a diffusers folder (with `model_index.json`), or a
+ * map of file names relative to the folder (`unet/config.json`, …) to their contents. */
+export type ModelSource =
+  | string
+  | URL
+  | Map<string, string | URL | ArrayBuffer | ArrayBufferView | Blob>
+  | Record<string, string | URL | ArrayBuffer | ArrayBufferView | Blob>;
+
+/** Options of `InstaFlow.load`. */
+export interface LoadOptions {
+  /** Called as bytes arrive. */
+  onProgress?: (progress: LoadProgress) => void;
+  /** `"auto"` (default): WebGPU when the browser gives an adapter, else the wasm CPU backend. */
+  backend?: "auto" | "webgpu" | "cpu";
+  /** Where to fetch `instaflow_wasm_bg.wasm` from (default: next to the package's JS). */
+  wasm?: string | URL;
+}
+
+/** Options of `InstaFlowWorker.load`. */
+export interface WorkerLoadOptions extends LoadOptions {
+  /** A worker already started on `instaflow/worker.js` (bundlers that need it created by hand). */
+  worker?: Worker;
+}
+
+/** What to generate. */
+export interface GenerateOptions {
+  /** The text prompt (cut to CLIP's 77 tokens). */
+  prompt: string;
+  /** Seed of the initial noise (same generator as the native CLI). Default 0. */
+  seed?: number;
+  /** Initial noise, `noiseShape` flattened; overrides `seed`. */
+  noise?: Float32Array;
+  /** Guidance α: v = α·v(prompt) + (1 − α)·v(""). Default 1 (one UNet call per step). */
+  guidance?: number;
+  /** Euler steps. Default 1 (one-step models). */
+  steps?: number;
+  /** Also return the final latents (before decoding). */
+  latents?: boolean;
+}
+
+/** Milliseconds per stage (each measured after the device finished it). */
+export interface Timings {
+  encodeMs: number;
+  unetMs: number;
+  decodeMs: number;
+  totalMs: number;
+}
+
+/** A generated image. */
+export interface GeneratedImage {
+  width: number;
+  height: number;
+  /** RGBA bytes, ready for `new ImageData(rgba, width, height)`. */
+  rgba: Uint8ClampedArray;
+  /** The backend that computed it. */
+  backend: "webgpu" | "cpu";
+  timings: Timings;
+  /** The final latents `[1, C, h, w]`, when `latents: true` was asked. */
+  latents?: Float32Array;
+}
+
+/** A text-to-image model running in the calling thread. */
+export declare class InstaFlow {
+  private constructor();
+  /** Fetch or read the model's files (with progress) and load them. */
+  static load(source: ModelSource, options?: LoadOptions): Promise<InstaFlow>;
+  /** The backend in use. */
+  readonly backend: "webgpu" | "cpu";
+  /** `[1, C, h, w]`: the shape of `noise`. */
+  readonly noiseShape: number[];
+  /** Generate one image. Calls on one model run one after another. */
+  generate(options: GenerateOptions): Promise<GeneratedImage>;
+  /** Release GPU buffers and wasm memory. */
+  free(): void;
+}
+
+/** The same API, with the model in a module Web Worker so the page stays responsive. */
+export declare class InstaFlowWorker {
+  private constructor();
+  static load(source: ModelSource, options?: WorkerLoadOptions): Promise<InstaFlowWorker>;
+  readonly backend: "webgpu" | "cpu";
+  readonly noiseShape: number[];
+  generate(options: GenerateOptions): Promise<GeneratedImage>;
+  /** Stop the worker (and with it the model). */
+  free(): void;
+}
+
+/** Instantiate the wasm module ahead of `load` (optional). */
+export declare function init(wasm?: string | URL): Promise<unknown>;
+/** The package version. */
+export declare function version(): Promise<string>;
+/** The files of a folder listing that the loader reads. */
+export declare function selectFiles(names: string[]): string[];

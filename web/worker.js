@@ -1,0 +1,30 @@
+// Module Web Worker entry: runs an `InstaFlow` off the page's main thread. Spoken to by
+// `InstaFlowWorker` in ./index.js; messages are `{ id, op, ... }`, replies `{ id, result | error |
+// progress }`. Image bytes are transferred, not copied.
+
+import { InstaFlow } from "./index.js";
+
+let model = null;
+
+self.onmessage = async ({ data }) => {
+  const { id, op } = data;
+  try {
+    if (op === "load") {
+      model?.free();
+      model = null;
+      const onProgress = (progress) => self.postMessage({ id, progress });
+      model = await InstaFlow.load(data.source, { onProgress, backend: data.backend, wasm: data.wasm });
+      self.postMessage({ id, result: { backend: model.backend, noiseShape: model.noiseShape } });
+    } else if (op === "generate") {
+      if (!model) throw new Error("no model loaded");
+      const result = await model.generate(data.options);
+      const transfer = [result.rgba.buffer];
+      if (result.latents) transfer.push(result.latents.buffer);
+      self.postMessage({ id, result }, transfer);
+    } else {
+      throw new Error(`unknown request ${op}`);
+    }
+  } catch (e) {
+    self.postMessage({ id, error: e?.message ?? String(e), fatal: Boolean(e?.fatal) });
+  }
+};

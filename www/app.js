@@ -1,0 +1,204 @@
+// The instaflow page: the image follows the prompt as it is typed. Requests are debounced, and at
+// most one generation runs at a time; while it runs only the newest request is kept (older ones
+// are dropped, never queued), so the image catches up with the text instead of lagging behind it.
+//
+// `window.instaflowPage` exposes the page's state (used by the browser tests, handy in devtools).
+
+import { InstaFlowWorker } from "/instaflow/index.js";
+
+const BUILTIN = new URL("/models/instaflow-emoji/", location.href).href;
+const DEBOUNCE_MS = 120;
+const $ = (id) => document.getElementById(id);
+const query = new URLSearchParams(location.search);
+
+const page = (window.instaflowPage = {
+  state: "loading", // loading | ready | generating | error
+  backend: null,
+  requests: 0, // debounced requests made
+  generations: 0, // generations started
+  log: [], // per generation: { request: its number, newest: the newest request when it started }
+  last: null, // { prompt, seed, guidance, steps, width, height, rgba, timings }
+  error: null,
+});
+
+let model = null;
+let loads = 0; // a newer load makes older ones stale
+let running = false;
+let wanted = null;
+let timer = null;
+
+function showError(message) {
+  page.error = message;
+  page.state = "error";
+  $("error").textContent = message;
+  $("error").hidden = false;
+}
+
+function clearError() {
+  page.error = null;
+  $("error").hidden = true;
+}
+
+function params() {
+  const seed = Number($("seed").value);
+  const guidance = Number($("guidance").value);
+  const steps = Number($("steps").value);
+  if (!Number.isInteger(seed) || seed < 0 || seed > 0xffffffff) throw new Error("Seed must be a whole number from 0 to 4294967295.");
+  if (!Number.isFinite(guidance)) throw new Error("Guidance must be a number.");
+  if (!Number.isInteger(steps) || steps < 1 || steps > 50) throw new Error("Steps must be a whole number from 1 to 50.");
+  return { prompt: $("prompt").value, seed, guidance, steps };
+}
+
+const same = (a, b) => a && b && a.prompt === b.prompt && a.seed === b.seed && a.guidance === b.guidance && a.steps === b.steps;
+
+/** Ask for an image with the current inputs, after the user pauses for DEBOUNCE_MS. */
+function request({ now = false } = {}) {
+  clearTimeout(timer);
+  timer = setTimeout(
+    () => {
+      try {
+        wanted = { ...params(), request: page.requests + 1 };
+      } catch (e) {
+        return showError(e.message);
+      }
+      page.requests++;
+      pump();
+    },
+    now ? 0 : DEBOUNCE_MS,
+  );
+}
+
+/** Run the newest wanted request if nothing is running. */
+async function pump() {
+  if (running || !model || !wanted) return;
+  const job = wanted;
+  wanted = null;
+  if (same(job, page.last)) return;
+  running = true;
+  page.state = "generating";
+  page.generations++;
+  page.log.push({ request: job.request, newest: page.requests });
+  const current = model;
+  try {
+    const { prompt, seed, guidance, steps } = job;
+    const image = await current.generate({ prompt, seed, guidance, steps });
+    if (current !== model) return; // the model was switched meanwhile
+    show(image, job);
+    clearError();
+    page.state = "ready";
+  } catch (e) {
+    if (current !== model) return;
+    showError(`Generation failed: ${e.message}`);
+    if (e.fatal) {
+      model.free();
+      model = null;
+    }
+  } finally {
+    running = false;
+    if (model) pump();
+  }
+}
+
+function show(image, job) {
+  const canvas = $("image");
+  canvas.width = image.width;
+  canvas.height = image.height;
+  canvas.getContext("2d").putImageData(new ImageData(image.rgba, image.width, image.height), 0, 0);
+  const t = image.timings;
+  $("timing").textContent = `${t.totalMs.toFixed(0)} ms per image · ${image.backend === "webgpu" ? "WebGPU" : "CPU (wasm)"}`;
+  $("timing-detail").textContent =
+    `text encoder ${t.encodeMs.toFixed(0)} ms · UNet ${t.unetMs.toFixed(0)} ms · decode ${t.decodeMs.toFixed(0)} ms · ${image.width}×${image.height}`;
+  $("download").disabled = false;
+  page.last = { prompt: job.prompt, seed: job.seed, guidance: job.guidance, steps: job.steps, width: image.width, height: image.height, rgba: Array.from(image.rgba), timings: t, backend: image.backend };
+}
+
+/** Load a model (the built-in one's URL, or a map of files) and generate with the current inputs. */
+async function load(source, label) {
+  const token = ++loads;
+  model?.free();
+  model = null;
+  page.state = "loading";
+  page.last = null;
+  clearError();
+  const bar = $("progress");
+  bar.hidden = false;
+  bar.value = 0;
+  $("load-status").textContent = `loading ${label}…`;
+  $("timing").textContent = "loading…";
+  try {
+    const loaded = await InstaFlowWorker.load(source, {
+      backend: $("backend").value,
+      onProgress: ({ loaded, total }) => {
+        if (token !== loads) return;
+        bar.value = total ? loaded / total : 0;
+        $("load-status").textContent = `loading ${label}: ${(loaded / 1e6).toFixed(1)} / ${(total / 1e6).toFixed(1)} MB`;
+      },
+    });
+    if (token !== loads) return loaded.free();
+    model = loaded;
+    page.backend = loaded.backend;
+    page.state = "ready";
+    $("load-status").textContent = `${label} · ${loaded.backend === "webgpu" ? "WebGPU" : "CPU (wasm)"}`;
+    request({ now: true });
+  } catch (e) {
+    if (token !== loads) return;
+    $("load-status").textContent = "";
+    $("timing").textContent = "no model";
+    showError(`Could not load ${label}: ${e.message}`);
+  } finally {
+    if (token === loads) bar.hidden = true;
+  }
+}
+
+/** The files of a folder chosen with the picker, named relative to the folder itself. */
+function folderFiles(fileList) {
+  const files = {};
+  for (const f of fileList) {
+    const rel = f.webkitRelativePath || f.name;
+    files[rel.includes("/") ? rel.slice(rel.indexOf("/") + 1) : rel] = f;
+  }
+  return files;
+}
+
+function loadSelected() {
+  if ($("model").value === "folder") return $("folder").click();
+  load(query.get("model") ? new URL(query.get("model"), location.href).href : BUILTIN, query.get("model") ?? "the built-in emoji model");
+}
+
+$("model").addEventListener("change", loadSelected);
+$("backend").addEventListener("change", () => {
+  if ($("model").value === "folder" && $("folder").files.length) load(folderFiles($("folder").files), "your folder");
+  else loadSelected();
+});
+$("folder").addEventListener("change", () => {
+  const list = $("folder").files;
+  if (!list.length) return;
+  const name = (list[0].webkitRelativePath || "").split("/")[0] || "your folder";
+  load(folderFiles(list), name);
+});
+for (const id of ["prompt", "seed", "guidance", "steps"]) $(id).addEventListener("input", () => request());
+$("new-seed").addEventListener("click", () => {
+  $("seed").value = String(crypto.getRandomValues(new Uint32Array(1))[0]);
+  request({ now: true });
+});
+$("download").addEventListener("click", () => {
+  // Enlarge small images (nearest neighbour) so the file is useful as a picture.
+  const src = $("image");
+  const scale = Math.max(1, Math.floor(256 / Math.max(src.width, src.height)));
+  const out = document.createElement("canvas");
+  out.width = src.width * scale;
+  out.height = src.height * scale;
+  const ctx = out.getContext("2d");
+  ctx.imageSmoothingEnabled = false;
+  ctx.drawImage(src, 0, 0, out.width, out.height);
+  out.toBlob((blob) => {
+    const a = document.createElement("a");
+    a.href = URL.createObjectURL(blob);
+    a.download = `${($("prompt").value.trim() || "instaflow").replace(/[^\w-]+/g, "_").slice(0, 60)}-${$("seed").value}.png`;
+    a.click();
+    setTimeout(() => URL.revokeObjectURL(a.href), 10_000);
+  }, "image/png");
+});
+
+if (query.get("backend")) $("backend").value = query.get("backend");
+loadSelected();
