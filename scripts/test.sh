@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the project on a fresh machine that has the Rust toolchain: installs what the
-# tests need (Mesa's software Vulkan for the wgpu tests, the wasm32 target), then builds the native
-# CLI (with CUDA), the browser crate for wasm32, and runs lints and tests.
+# tests need (Mesa's software Vulkan for the wgpu tests, Chromium for the browser tests, the wasm32
+# target, the npm test packages), then builds the native CLI (with CUDA), the npm package from the
+# wasm crate, and runs lints, Rust tests and the headless-Chromium tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,10 +10,14 @@ step() { printf '\n==> %s\n' "$*"; }
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
-    step "installing Mesa's software Vulkan driver (lavapipe) for the wgpu tests"
+packages=()
+ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 || packages+=(mesa-vulkan-drivers libvulkan1)
+command -v chromium >/dev/null || packages+=(chromium)
+command -v node >/dev/null || packages+=(nodejs npm)
+if [ ${#packages[@]} -gt 0 ]; then
+    step "installing ${packages[*]} (software Vulkan for the wgpu tests, Chromium and Node for the browser tests)"
     as_root apt-get update -q
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q mesa-vulkan-drivers libvulkan1
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}"
 fi
 
 step "toolchain components"
@@ -34,8 +39,13 @@ cargo test --release --locked
 step "clippy"
 cargo clippy --release --locked --all-targets -- -D warnings
 
-step "browser crate for wasm32 (WebGPU)"
-cargo build --release --locked --target wasm32-unknown-unknown -p instaflow-wasm
+step "npm package web/ from the wasm crate (wasm-bindgen CLI pinned to Cargo.lock)"
+cargo run --release --locked -q -p xtask -- build-web
 cargo clippy --release --locked --target wasm32-unknown-unknown -p instaflow-wasm -- -D warnings
+
+step "browser tests (headless Chromium: WebGPU on SwiftShader, wasm CPU fallback, npm pack)"
+(cd tests/browser && npm ci --no-audit --no-fund)
+node --test --test-concurrency=1 tests/browser/page.test.mjs tests/browser/package.test.mjs
+echo "screenshots and the packed tarball: target/browser-tests/"
 
 step "all tests passed"

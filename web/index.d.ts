@@ -61,12 +61,12 @@ export interface GeneratedImage {
   width: number;
   height: number;
   /** RGBA bytes, ready for `new ImageData(rgba, width, height)`. */
-  rgba: Uint8ClampedArray;
+  rgba: Uint8ClampedArray<ArrayBuffer>;
   /** The backend that computed it. */
   backend: "webgpu" | "cpu";
   timings: Timings;
   /** The final latents `[1, C, h, w]`, when `latents: true` was asked. */
-  latents?: Float32Array;
+  latents?: Float32Array<ArrayBuffer>;
 }
 
 /** A text-to-image model running in the calling thread. */

@@ -56,8 +56,12 @@ async function fetchBytes(url, name, optional, progress) {
   } catch (e) {
     throw new Error(`could not reach ${url} (${e.message ?? e})`);
   }
-  if (response.status === 404 && optional) return null;
-  if (!response.ok) throw new Error(`${url}: HTTP ${response.status} ${response.statusText}`.trim());
+  if (!response.ok) {
+    // An unread body keeps its connection busy; browsers allow only a few per server.
+    await response.body?.cancel().catch(() => {});
+    if (response.status === 404 && optional) return null;
+    throw new Error(`${url}: HTTP ${response.status} ${response.statusText}`.trim());
+  }
   const total = Number(response.headers.get("Content-Length")) || 0;
   progress.expect(name, total);
   if (!response.body) {

@@ -146,19 +146,10 @@ pub fn run(root: &Path, args: ServeArgs) -> Result<()> {
         .port();
     // The exact line tests wait for.
     println!("serving http://127.0.0.1:{port}/");
-    let server = Arc::new(server);
-    let workers: Vec<_> = (0..4)
-        .map(|_| {
-            let (server, mounts) = (server.clone(), mounts.clone());
-            std::thread::spawn(move || {
-                for request in server.incoming_requests() {
-                    respond(request, &mounts);
-                }
-            })
-        })
-        .collect();
-    for w in workers {
-        let _ = w.join();
+    // One thread per request: a slow client of a large file never holds up the small ones.
+    for request in server.incoming_requests() {
+        let mounts = mounts.clone();
+        std::thread::spawn(move || respond(request, &mounts));
     }
     Ok(())
 }

@@ -1,0 +1,94 @@
+// The npm package as a user gets it: `npm pack` of web/, installed into a fresh folder, imported by
+// a plain ESM page through an import map, and type-checked from TypeScript.
+
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { ARTIFACTS, ROOT, browser, serve } from "./harness.mjs";
+
+const npm = (args, cwd) => execFileSync("npm", args, { cwd, encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
+
+let fresh;
+let packed;
+
+before(() => {
+  fresh = fs.mkdtempSync(path.join(os.tmpdir(), "instaflow-fresh-page-"));
+  [packed] = JSON.parse(npm(["pack", "--json", "--pack-destination", fresh], path.join(ROOT, "web")));
+  fs.writeFileSync(path.join(fresh, "package.json"), JSON.stringify({ name: "fresh-page", private: true, type: "module" }));
+  npm(["install", "--offline", "--no-audit", "--no-fund", `./${packed.filename}`], fresh);
+});
+
+after(() => fs.rmSync(fresh, { recursive: true, force: true }));
+
+test("npm pack ships the module, the wasm, the worker and the types", () => {
+  const files = packed.files.map((f) => f.path);
+  for (const f of ["index.js", "index.d.ts", "worker.js", "package.json", "README.md", "pkg/instaflow_wasm.js", "pkg/instaflow_wasm_bg.wasm"]) {
+    assert.ok(files.includes(f), `${f} missing from the tarball (has ${files.join(", ")})`);
+  }
+  console.log(`tarball ${packed.filename}: ${(packed.size / 1e6).toFixed(1)} MB packed, ${(packed.unpackedSize / 1e6).toFixed(1)} MB unpacked`);
+});
+
+test("the installed package imports and generates in a fresh plain ESM page", async () => {
+  fs.writeFileSync(
+    path.join(fresh, "index.html"),
+    `<!doctype html>
+<script type="importmap">{ "imports": { "instaflow": "./node_modules/instaflow/index.js" } }</script>
+<script type="module">
+  import { InstaFlow, InstaFlowWorker } from "instaflow";
+  try {
+    const gen = await InstaFlowWorker.load("/model/");
+    const a = await gen.generate({ prompt: "red heart", seed: 3 });
+    gen.free();
+    const local = await InstaFlow.load("/model/", { backend: "cpu" });
+    const b = await local.generate({ prompt: "red heart", seed: 3 });
+    local.free();
+    window.result = { backends: [a.backend, b.backend], size: [a.width, a.height], same: a.rgba.every((v, i) => Math.abs(v - b.rgba[i]) <= 2) };
+  } catch (e) {
+    window.result = { error: String(e) };
+  }
+</script>`,
+  );
+  const server = await serve([`/=${fresh}`, `/model=${path.join(ROOT, "models/instaflow-emoji")}`]);
+  const b = await browser({ webgpu: true });
+  try {
+    const page = await b.page();
+    await page.goto(server.url);
+    await page.waitForFunction(() => window.result, null, { timeout: 180_000 });
+    const result = await page.evaluate(() => window.result);
+    assert.equal(result.error, undefined, result.error);
+    assert.deepEqual(result.backends, ["webgpu", "cpu"]);
+    assert.deepEqual(result.size, [16, 16]);
+    assert.ok(result.same, "worker (WebGPU) and in-page (CPU) images differ");
+  } finally {
+    await b.close();
+    server.close();
+  }
+});
+
+test("the TypeScript declarations type-check a typical use", () => {
+  fs.writeFileSync(
+    path.join(fresh, "use.ts"),
+    `import { InstaFlow, InstaFlowWorker, type GeneratedImage } from "instaflow";
+const gen: InstaFlowWorker = await InstaFlowWorker.load("/model/", { onProgress: (p) => console.log(p.loaded / p.total) });
+const image: GeneratedImage = await gen.generate({ prompt: "red heart", seed: 1, guidance: 1, steps: 1 });
+const data: ImageData = new ImageData(image.rgba, image.width, image.height);
+const ms: number = image.timings.totalMs + data.width;
+const local = await InstaFlow.load({ "unet/config.json": new Blob([]) }, { backend: "cpu" });
+local.free();
+// @ts-expect-error prompt is required
+await gen.generate({ seed: 1 });
+export { ms };
+`,
+  );
+  const tsc = path.join(ROOT, "tests/browser/node_modules/typescript/bin/tsc");
+  const args = ["--noEmit", "--strict", "--target", "es2022", "--module", "nodenext", "--moduleResolution", "nodenext", "--lib", "es2022,dom", "use.ts"];
+  try {
+    execFileSync(process.execPath, [tsc, ...args], { cwd: fresh, encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
+  } catch (e) {
+    assert.fail(`tsc rejected the declarations:\n${e.stdout}${e.stderr}`);
+  }
+  fs.copyFileSync(path.join(fresh, packed.filename), path.join(ARTIFACTS, packed.filename));
+});
