@@ -392,3 +392,75 @@ fn generate_rejects_bad_input_clearly() {
     );
     let _ = std::fs::remove_dir_all(&model);
 }
+
+#[test]
+fn convert_round_trips_the_built_in_model_and_refuses_to_overwrite() {
+    let builtin = repo("models/instaflow-emoji");
+    let f32_dir = temp_dir("convert-f32");
+    let f16_dir = temp_dir("convert-f16");
+    for (from, to, dtype) in [(&builtin, &f32_dir, "f32"), (&f32_dir, &f16_dir, "f16")] {
+        let out = instaflow()
+            .args(["convert", "--dtype", dtype, "--model"])
+            .arg(from)
+            .arg("--out")
+            .arg(to)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let size = |d: &PathBuf| {
+        std::fs::metadata(d.join("unet/diffusion_pytorch_model.safetensors"))
+            .unwrap()
+            .len()
+    };
+    assert!(
+        size(&f32_dir) > size(&f16_dir) * 19 / 10,
+        "f32 is not about twice f16"
+    );
+    // f16 → f32 → f16 is exact, so all three folders make the same image.
+    let image = |model: &PathBuf, name: &str| {
+        let png = f32_dir.parent().unwrap().join(format!(
+            "instaflow-test-convert-{name}-{}.png",
+            std::process::id()
+        ));
+        let out = instaflow()
+            .args([
+                "--backend",
+                "cpu",
+                "generate",
+                "red heart",
+                "--scale",
+                "1",
+                "--model",
+            ])
+            .arg(model)
+            .arg("--out")
+            .arg(&png)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read(&png).unwrap()
+    };
+    let original = image(&builtin, "orig");
+    assert_eq!(image(&f32_dir, "f32"), original);
+    assert_eq!(image(&f16_dir, "f16"), original);
+    let again = instaflow()
+        .args(["convert", "--model"])
+        .arg(&builtin)
+        .arg("--out")
+        .arg(&f16_dir)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(err.contains("exists and is not empty"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}

@@ -1,16 +1,21 @@
 //! `xtask serve`: a static file server for the page, the npm package and the shipped models.
 //!
-//! A few lines over `tiny_http` rather than a dependency on Node or Python: the page must come up
-//! on a machine that has only the Rust toolchain. It binds to loopback only (WebGPU needs a secure
-//! context, which `localhost`/`127.0.0.1` is).
+//! Written over `std::net` rather than a dependency on Node or Python, since the page must come up
+//! on a machine that has only the Rust toolchain; and rather than `tiny_http`, which here
+//! intermittently never delivered responses to a browser's parallel requests (the requests arrived,
+//! the responses did not). One thread per connection, one request per connection (`Connection:
+//! close`): GET and HEAD of static files is all it does. It binds to loopback only (WebGPU needs a
+//! secure context, which `localhost`/`127.0.0.1` is).
 
 use std::fs::File;
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::Args;
-use tiny_http::{Header, Response, Server};
 
 /// Options of `xtask serve`.
 #[derive(Debug, Args)]
@@ -113,10 +118,6 @@ pub fn content_type(path: &Path) -> &'static str {
     }
 }
 
-fn header(name: &str, value: &str) -> Header {
-    Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("valid header")
-}
-
 /// Build (unless `--no-build`) and serve until interrupted.
 pub fn run(root: &Path, args: ServeArgs) -> Result<()> {
     if !args.no_build {
@@ -137,41 +138,77 @@ pub fn run(root: &Path, args: ServeArgs) -> Result<()> {
             "web/pkg is not built: run without --no-build (or `cargo run -p xtask -- build-web`)"
         );
     }
-    let server = Server::http(("127.0.0.1", args.port))
+    let listener = TcpListener::bind(("127.0.0.1", args.port))
         .map_err(|e| anyhow!("cannot listen on 127.0.0.1:{}: {e}", args.port))?;
-    let port = server
-        .server_addr()
-        .to_ip()
-        .context("listening address")?
-        .port();
+    let port = listener.local_addr().context("listening address")?.port();
     // The exact line tests wait for.
     println!("serving http://127.0.0.1:{port}/");
-    // One thread per request: a slow client of a large file never holds up the small ones.
-    for request in server.incoming_requests() {
-        let mounts = mounts.clone();
-        std::thread::spawn(move || respond(request, &mounts));
-    }
+    serve_forever(listener, mounts);
     Ok(())
 }
 
-fn respond(request: tiny_http::Request, mounts: &Mounts) {
-    let file = mounts
-        .resolve(request.url())
-        .and_then(|path| File::open(&path).ok().map(|f| (path, f)));
-    let result = match file {
-        Some((path, f)) => request.respond(
-            Response::from_file(f)
-                .with_header(header("Content-Type", content_type(&path)))
-                .with_header(header("Cache-Control", "no-cache")),
+/// Answer every connection on `listener` in its own thread.
+pub fn serve_forever(listener: TcpListener, mounts: Arc<Mounts>) {
+    for stream in listener.incoming().flatten() {
+        let mounts = mounts.clone();
+        std::thread::spawn(move || {
+            // A client that goes away mid-response is not the server's problem.
+            let _ = handle(stream, &mounts);
+        });
+    }
+}
+
+/// Read one request from `stream` and answer it.
+fn handle(mut stream: TcpStream, mounts: &Mounts) -> io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+    }
+    let mut parts = request_line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    if method != "GET" && method != "HEAD" {
+        return reply(&mut stream, "405 Method Not Allowed", "text/plain", None);
+    }
+    match mounts
+        .resolve(target)
+        .and_then(|path| File::open(&path).ok().map(|f| (path, f)))
+    {
+        Some((path, file)) => reply(
+            &mut stream,
+            "200 OK",
+            content_type(&path),
+            (method == "GET").then_some(file),
         ),
-        None => request.respond(
-            Response::from_string("not found")
-                .with_status_code(404)
-                .with_header(header("Content-Type", "text/plain; charset=utf-8")),
-        ),
+        None => reply(&mut stream, "404 Not Found", "text/plain", None),
+    }
+}
+
+fn reply(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    file: Option<File>,
+) -> io::Result<()> {
+    let length = match &file {
+        Some(f) => f.metadata()?.len(),
+        None => 0,
     };
-    // A client that went away mid-response is not the server's problem.
-    let _ = result;
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\n\
+         Cache-Control: no-cache\r\nConnection: close\r\n\r\n"
+    )?;
+    if let Some(mut f) = file {
+        io::copy(&mut f, stream)?;
+    }
+    stream.flush()?;
+    stream.shutdown(std::net::Shutdown::Write)
 }
 
 #[cfg(test)]
@@ -192,6 +229,38 @@ mod tests {
         assert_eq!(m.resolve("/modelsX/a"), Some(root.join("www/modelsX/a")));
         assert!(Mounts::parse(&["/=no-such-folder".into()], &root).is_err());
         assert!(Mounts::parse(&["www".into()], &root).is_err());
+    }
+
+    fn get(port: u16, path: &str) -> String {
+        use std::io::Read;
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn serves_files_with_length_and_type_and_404s_the_rest() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mounts = Arc::new(Mounts::parse(&["/m=models".into()], &root).unwrap());
+        let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || serve_forever(listener, mounts));
+        let body =
+            std::fs::read_to_string(root.join("models/instaflow-emoji/unet/config.json")).unwrap();
+        let answers: Vec<_> = (0..16)
+            .map(|_| std::thread::spawn(move || get(port, "/m/instaflow-emoji/unet/config.json")))
+            .collect();
+        for a in answers {
+            let text = a.join().unwrap();
+            assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+            assert!(text.contains("Content-Type: application/json\r\n"));
+            assert!(text.contains(&format!("Content-Length: {}\r\n", body.len())));
+            assert!(text.ends_with(&body));
+        }
+        assert!(get(port, "/m/nothing-here").starts_with("HTTP/1.1 404"));
+        assert!(get(port, "/m/../Cargo.toml").starts_with("HTTP/1.1 404"));
     }
 
     #[test]

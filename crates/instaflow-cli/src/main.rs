@@ -3,6 +3,7 @@
 mod backend;
 mod bench;
 mod bench_sd;
+mod convert;
 mod data;
 mod embedded;
 mod eval;
@@ -53,6 +54,9 @@ enum Command {
     /// the data), prompt accuracy, straightness, transport cost, RK45 NFE, for Euler N = 1, 2, 4, 25;
     /// writes eval.md, eval.json and a sample grid with the same noise for every model.
     Eval(eval::EvalArgs),
+    /// Copy a diffusers folder with its weights re-encoded: f16 (default) halves what a browser
+    /// downloads; tensor names, configs and tokenizer are kept.
+    Convert(convert::ConvertArgs),
     /// Time the text encoder, UNet and VAE decoder at SD-1.5 size (random weights).
     Bench(bench_sd::BenchSdArgs),
     /// Time a convolution, a matmul and attention (SD-1.5 shapes) on each backend that works here.
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
         Command::Distill(args) => train::run(cli.backend, args, true),
         Command::Reflow(args) => reflow::run(cli.backend, args),
         Command::Eval(args) => eval::run(cli.backend, args),
+        Command::Convert(args) => convert::run(args),
         Command::Bench(args) => bench_sd::run(cli.backend, args),
         Command::BenchBackends(args) => bench::run(args),
         Command::Backends => bench::list(),

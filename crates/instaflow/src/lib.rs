@@ -25,6 +25,7 @@
 
 pub mod bench;
 pub mod classifier;
+pub mod convert;
 pub mod data;
 pub mod ddim;
 pub mod flow;
