@@ -160,8 +160,11 @@ function folderFiles(fileList) {
   return files;
 }
 
+let folderLoaded = false;
+
 function loadSelected() {
   if ($("model").value === "folder") return $("folder").click();
+  folderLoaded = false;
   load(query.get("model") ? new URL(query.get("model"), location.href).href : BUILTIN, query.get("model") ?? "the built-in emoji model");
 }
 
@@ -170,10 +173,15 @@ $("backend").addEventListener("change", () => {
   if ($("model").value === "folder" && $("folder").files.length) load(folderFiles($("folder").files), "your folder");
   else loadSelected();
 });
+// Closing the folder picker without a choice goes back to the model in use.
+$("folder").addEventListener("cancel", () => {
+  if (!folderLoaded) $("model").value = "builtin";
+});
 $("folder").addEventListener("change", () => {
   const list = $("folder").files;
   if (!list.length) return;
   const name = (list[0].webkitRelativePath || "").split("/")[0] || "your folder";
+  folderLoaded = true;
   load(folderFiles(list), name);
 });
 for (const id of ["prompt", "seed", "guidance", "steps"]) $(id).addEventListener("input", () => request());

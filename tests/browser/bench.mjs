@@ -7,7 +7,7 @@ import path from "node:path";
 import zlib from "node:zlib";
 import { ROOT, browser, cli, serve } from "./harness.mjs";
 
-const RUNS = Number(process.env.RUNS ?? 10);
+const RUNS = Number(process.env.RUNS ?? 30);
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
 async function inBrowser(server, webgpu, backend) {

@@ -167,3 +167,16 @@ test("API: the same noise gives the native CLI's latents within 1e-3 on both bac
     await page.close();
   }
 });
+
+test("a model folder chosen from disk loads and gives the same image", async () => {
+  const page = await cpu.page();
+  await page.goto(server.url);
+  const builtin = await waitForImage(page, "red heart");
+  await page.selectOption("#model", "folder").catch(() => {}); // opens the picker; answered below
+  await page.setInputFiles("#folder", MODEL);
+  await page.waitForFunction(() => /instaflow-emoji · /.test(document.getElementById("load-status").textContent), null, { timeout: 60_000 });
+  const state = await waitForImage(page, "red heart");
+  assert.equal(state.error, null, state.error);
+  assert.equal(maxDiff(state.last.rgba, builtin.last.rgba), 0);
+  await page.close();
+});

@@ -140,8 +140,16 @@ pub struct InstaFlow {
     engine: Engine,
 }
 
+/// `performance.now()` (sub-millisecond, in pages and workers), else `Date.now()`.
 fn now_ms() -> f64 {
-    js_sys::Date::now()
+    let global = js_sys::global();
+    Reflect::get(&global, &"performance".into())
+        .ok()
+        .and_then(|p| {
+            let now: Function = Reflect::get(&p, &"now".into()).ok()?.dyn_into().ok()?;
+            now.call0(&p).ok()?.as_f64()
+        })
+        .unwrap_or_else(js_sys::Date::now)
 }
 
 fn js_error(e: impl std::fmt::Display) -> JsError {
