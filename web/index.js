@@ -38,7 +38,12 @@ function explain(error) {
   const panic = globalThis.__instaflowPanic;
   if (error instanceof WebAssembly.RuntimeError && panic) {
     globalThis.__instaflowPanic = undefined;
-    const e = new Error(`internal error: ${panic}`);
+    const oom = /out of memory|OutOfMemory|memory allocation/i.test(panic);
+    const e = new Error(
+      oom
+        ? `out of memory (GPU buffers or wasm heap): ${panic} — try a smaller model, or the CPU backend`
+        : `internal error: ${panic}`,
+    );
     e.fatal = true;
     return e;
   }
