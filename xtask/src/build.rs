@@ -55,10 +55,11 @@ fn wasm_bindgen_cli(root: &Path, version: &str) -> Result<PathBuf> {
         "installing wasm-bindgen-cli {version} from crates.io into {}",
         tools.display()
     );
+    // Not `--locked`: the CLI's own lock file names a webpki-roots release that crates.io no
+    // longer serves; `--version` pins the CLI itself, which is what must match.
     run(Command::new(env!("CARGO"))
         .args([
             "install",
-            "--locked",
             "wasm-bindgen-cli",
             "--version",
             version,
