@@ -1,5 +1,5 @@
 // The npm package as a user gets it: `npm pack` of web/, installed into a fresh folder, imported by
-// a plain ESM page through an import map, and type-checked from TypeScript.
+// a plain ESM page through an import map and by a Vite-built page, and type-checked from TypeScript.
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
@@ -31,27 +31,24 @@ test("npm pack ships the module, the wasm, the worker and the types", () => {
   console.log(`tarball ${packed.filename}: ${(packed.size / 1e6).toFixed(1)} MB packed, ${(packed.unpackedSize / 1e6).toFixed(1)} MB unpacked`);
 });
 
-test("the installed package imports and generates in a fresh plain ESM page", async () => {
-  fs.writeFileSync(
-    path.join(fresh, "index.html"),
-    `<!doctype html>
-<script type="importmap">{ "imports": { "instaflow": "./node_modules/instaflow/index.js" } }</script>
-<script type="module">
-  import { InstaFlow, InstaFlowWorker } from "instaflow";
-  try {
-    const gen = await InstaFlowWorker.load("/model/");
-    const a = await gen.generate({ prompt: "red heart", seed: 3 });
-    gen.free();
-    const local = await InstaFlow.load("/model/", { backend: "cpu" });
-    const b = await local.generate({ prompt: "red heart", seed: 3 });
-    local.free();
-    window.result = { backends: [a.backend, b.backend], size: [a.width, a.height], same: a.rgba.every((v, i) => Math.abs(v - b.rgba[i]) <= 2) };
-  } catch (e) {
-    window.result = { error: String(e) };
-  }
-</script>`,
-  );
-  const server = await serve([`/=${fresh}`, `/model=${path.join(ROOT, "models/instaflow-emoji")}`]);
+/** What both fresh pages run: the worker (WebGPU) and the in-page model (CPU) on the same seed. */
+const USE = `import { InstaFlow, InstaFlowWorker } from "instaflow";
+try {
+  const gen = await InstaFlowWorker.load("/model/");
+  const a = await gen.generate({ prompt: "red heart", seed: 3 });
+  gen.free();
+  const local = await InstaFlow.load("/model/", { backend: "cpu" });
+  const b = await local.generate({ prompt: "red heart", seed: 3 });
+  local.free();
+  window.result = { backends: [a.backend, b.backend], size: [a.width, a.height], same: a.rgba.every((v, i) => Math.abs(v - b.rgba[i]) <= 2) };
+} catch (e) {
+  window.result = { error: String(e) };
+}
+`;
+
+/** Serve `dir` with the built-in model at /model/, open it, and check what USE reports. */
+async function runPage(dir) {
+  const server = await serve([`/=${dir}`, `/model=${path.join(ROOT, "models/instaflow-emoji")}`]);
   const b = await browser({ webgpu: true });
   try {
     const page = await b.page();
@@ -66,6 +63,30 @@ test("the installed package imports and generates in a fresh plain ESM page", as
     await b.close();
     server.close();
   }
+}
+
+test("the installed package imports and generates in a fresh plain ESM page", async () => {
+  fs.writeFileSync(path.join(fresh, "use.js"), USE);
+  fs.writeFileSync(
+    path.join(fresh, "index.html"),
+    `<!doctype html>
+<script type="importmap">{ "imports": { "instaflow": "./node_modules/instaflow/index.js" } }</script>
+<script type="module" src="./use.js"></script>`,
+  );
+  await runPage(fresh);
+});
+
+test("a Vite build of a fresh page bundles the worker and the wasm and runs", async () => {
+  const app = path.join(fresh, "vite-app");
+  fs.mkdirSync(app, { recursive: true });
+  fs.writeFileSync(path.join(app, "main.js"), USE);
+  fs.writeFileSync(path.join(app, "index.html"), `<!doctype html>\n<script type="module" src="./main.js"></script>`);
+  const vite = path.join(ROOT, "tests/browser/node_modules/vite/bin/vite.js");
+  execFileSync(process.execPath, [vite, "build", "--logLevel", "warn"], { cwd: app, encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
+  const assets = fs.readdirSync(path.join(app, "dist/assets"));
+  assert.ok(assets.some((f) => f.endsWith(".wasm")), `no wasm asset in ${assets.join(", ")}`);
+  assert.ok(assets.some((f) => f.startsWith("worker")), `no worker chunk in ${assets.join(", ")}`);
+  await runPage(path.join(app, "dist"));
 });
 
 test("the TypeScript declarations type-check a typical use", () => {
