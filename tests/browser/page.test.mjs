@@ -180,3 +180,24 @@ test("a model folder chosen from disk loads and gives the same image", async () 
   assert.equal(maxDiff(state.last.rgba, builtin.last.rgba), 0);
   await page.close();
 });
+
+test("new seed changes the image, and download PNG saves it enlarged", async () => {
+  const page = await cpu.page();
+  await page.goto(server.url);
+  const first = await waitForImage(page, "red heart");
+  await page.click("#new-seed");
+  await page.waitForFunction((s) => window.instaflowPage.last?.seed !== s && window.instaflowPage.state === "ready", first.last.seed, { timeout: 60_000 });
+  const next = await page.evaluate(() => window.instaflowPage.last);
+  assert.notEqual(next.seed, first.last.seed);
+  assert.equal(String(next.seed), await page.inputValue("#seed"));
+  assert.ok(maxDiff(next.rgba, first.last.rgba) > 0, "a new seed gave the same image");
+  const [download] = await Promise.all([page.waitForEvent("download"), page.click("#download")]);
+  const file = path.join(ARTIFACTS, "downloaded.png");
+  await download.saveAs(file);
+  assert.match(download.suggestedFilename(), /^red_heart-\d+\.png$/);
+  const png = await decodePng(page, file);
+  assert.deepEqual([png.width, png.height], [256, 256]);
+  // Nearest-neighbour enlargement: the top-left 16×16 block is the image's first pixel.
+  assert.deepEqual(png.rgba.slice(0, 4), next.rgba.slice(0, 4));
+  await page.close();
+});
