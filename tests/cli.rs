@@ -16,6 +16,17 @@ fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// Run `cmd` and fail the test with its stderr unless it succeeds.
+fn run_ok(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 #[test]
 fn toy_prints_the_table_and_writes_figures() {
     let out = temp_dir("toy");
@@ -378,17 +389,12 @@ fn generate_rejects_bad_input_clearly() {
 
     // The repaired folder works again (the failures above were the inputs, not the test).
     let out = model.join("ok.png");
-    let result = instaflow()
-        .args(["--backend", "cpu", "generate", "red heart", "--model"])
-        .arg(&model)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
+    run_ok(
+        instaflow()
+            .args(["--backend", "cpu", "generate", "red heart", "--model"])
+            .arg(&model)
+            .arg("--out")
+            .arg(&out),
     );
     let _ = std::fs::remove_dir_all(&model);
 }
@@ -399,17 +405,12 @@ fn convert_round_trips_the_built_in_model_and_refuses_to_overwrite() {
     let f32_dir = temp_dir("convert-f32");
     let f16_dir = temp_dir("convert-f16");
     for (from, to, dtype) in [(&builtin, &f32_dir, "f32"), (&f32_dir, &f16_dir, "f16")] {
-        let out = instaflow()
-            .args(["convert", "--dtype", dtype, "--model"])
-            .arg(from)
-            .arg("--out")
-            .arg(to)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            instaflow()
+                .args(["convert", "--dtype", dtype, "--model"])
+                .arg(from)
+                .arg("--out")
+                .arg(to),
         );
     }
     let size = |d: &PathBuf| {
@@ -427,25 +428,13 @@ fn convert_round_trips_the_built_in_model_and_refuses_to_overwrite() {
             "instaflow-test-convert-{name}-{}.png",
             std::process::id()
         ));
-        let out = instaflow()
-            .args([
-                "--backend",
-                "cpu",
-                "generate",
-                "red heart",
-                "--scale",
-                "1",
-                "--model",
-            ])
-            .arg(model)
-            .arg("--out")
-            .arg(&png)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        run_ok(
+            instaflow()
+                .args(["--backend", "cpu", "generate", "red heart", "--scale", "1"])
+                .arg("--model")
+                .arg(model)
+                .arg("--out")
+                .arg(&png),
         );
         std::fs::read(&png).unwrap()
     };

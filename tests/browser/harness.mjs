@@ -111,6 +111,12 @@ export function maxDiff(a, b) {
   return m;
 }
 
+/** Wait until the page shows an image or an error; returns its state. */
+export async function waitForOutcome(page, timeout = 60_000) {
+  await page.waitForFunction(() => window.instaflowPage?.error || window.instaflowPage?.last, null, { timeout });
+  return page.evaluate(() => window.instaflowPage);
+}
+
 /** Wait for the page to show an image for `prompt` (or an error). */
 export async function waitForImage(page, prompt, timeout = 180_000) {
   await page.waitForFunction(

@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import fs from "node:fs";
 import path from "node:path";
 import {
-  ARTIFACTS, MODEL, browser, cli, decodePng, gaussian, maxDiff, readSafetensors, serve, waitForImage,
+  ARTIFACTS, MODEL, browser, cli, decodePng, gaussian, maxDiff, readSafetensors, serve, waitForImage, waitForOutcome,
   writeSafetensors,
 } from "./harness.mjs";
 
@@ -95,8 +95,7 @@ test("broken model files give readable errors, not hangs", async () => {
     const page = await cpu.page();
     await page.route(pattern, handler);
     await page.goto(`${server.url}?backend=cpu`);
-    await page.waitForFunction(() => window.instaflowPage?.error || window.instaflowPage?.last, null, { timeout: 60_000 });
-    const state = await page.evaluate(() => window.instaflowPage);
+    const state = await waitForOutcome(page);
     assert.match(state.error ?? "", expected);
     assert.equal(await page.isVisible("#error"), true);
     await page.close();
@@ -112,8 +111,7 @@ test("broken model files give readable errors, not hangs", async () => {
   len.writeBigUInt64LE(BigInt(head.length));
   await page.route("**/unet/diffusion_pytorch_model.safetensors", (r) => r.fulfill({ status: 200, body: Buffer.concat([len, head, unet.subarray(8 + n)]) }));
   await page.goto(`${server.url}?backend=cpu`);
-  await page.waitForFunction(() => window.instaflowPage?.error || window.instaflowPage?.last, null, { timeout: 60_000 });
-  assert.match((await page.evaluate(() => window.instaflowPage)).error ?? "", /conv_out/);
+  assert.match((await waitForOutcome(page)).error ?? "", /conv_out/);
   await page.close();
 });
 

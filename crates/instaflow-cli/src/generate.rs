@@ -235,14 +235,8 @@ fn generate<B: Backend>(args: &GenerateArgs, device: &B::Device, backend: &str) 
         eprintln!("warning: the prompt is longer than CLIP's 75 tokens; the rest is ignored");
     }
     let prompts = vec![args.prompt.as_str(); b];
-    let text = pipe.encode_prompts(&prompts, device)?;
-    // The null branch is used only when α ≠ 1: skip its text-encoder call otherwise.
-    let negative = if args.guidance != 1.0 {
-        let negatives = vec![args.negative_prompt.as_str(); b];
-        pipe.encode_prompts(&negatives, device)?
-    } else {
-        text.clone()
-    };
+    let negatives = vec![args.negative_prompt.as_str(); b];
+    let (text, negative) = pipe.encode_for_guidance(&prompts, &negatives, args.guidance, device)?;
     let text_ms = ms(t);
     eprintln!("text encoded in {text_ms:.0} ms");
 

@@ -318,15 +318,9 @@ async fn run<B: Backend>(
             device,
         ),
     };
-    let text = pipe
-        .encode_prompts(&[req.prompt.as_str()], device)
+    let (text, negative) = pipe
+        .encode_for_guidance(&[req.prompt.as_str()], &[""], req.opts.guidance, device)
         .map_err(js_error)?;
-    // The null branch costs a text-encoder call and is only used when α ≠ 1.
-    let negative = if req.opts.guidance != 1.0 {
-        pipe.encode_prompts(&[""], device).map_err(js_error)?
-    } else {
-        text.clone()
-    };
     settle(&negative).await?;
     let encoded = now_ms();
     let latents = pipe.sample(noise, &text, &negative, req.opts);

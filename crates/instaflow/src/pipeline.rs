@@ -207,6 +207,25 @@ impl<B: Backend> InstaFlowPipeline<B> {
         Ok(self.text_encoder.forward(ids))
     }
 
+    /// Embeddings of `prompts` and of the null branch of guidance (`negatives`). The null branch
+    /// is only used when α ≠ 1, so otherwise its text-encoder call is skipped and the prompt
+    /// embeddings stand in for it.
+    pub fn encode_for_guidance(
+        &self,
+        prompts: &[&str],
+        negatives: &[&str],
+        guidance: f64,
+        device: &B::Device,
+    ) -> Result<(Tensor<B, 3>, Tensor<B, 3>), TokenizerError> {
+        let text = self.encode_prompts(prompts, device)?;
+        let negative = if guidance != 1.0 {
+            self.encode_prompts(negatives, device)?
+        } else {
+            text.clone()
+        };
+        Ok((text, negative))
+    }
+
     /// Run the sampling loop from `noise` `[B, 4, h, w]`; returns the final latents.
     pub fn sample(
         &self,
