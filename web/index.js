@@ -3,21 +3,10 @@
 // `InstaFlow` runs in the calling thread; `InstaFlowWorker` has the same API and runs the model in
 // a module Web Worker so the page stays responsive while an image is computed.
 
-import initWasm, { InstaFlow as WasmInstaFlow, version as wasmVersion } from "./pkg/instaflow_wasm.js";
+import initWasm, { Loader as WasmLoader, version as wasmVersion } from "./pkg/instaflow_wasm.js";
+import { loadModel, clearCache, storageEstimate, resolveModelUrl } from "./loader.js";
 
-/** Components of a diffusers folder the model needs, and the weight file stems each may use
- * (the same order the Rust loader tries them in). */
-const COMPONENTS = {
-  text_encoder: ["model", "pytorch_model"],
-  unet: ["diffusion_pytorch_model", "model"],
-  vae: ["diffusion_pytorch_model", "model"],
-};
-const TOKENIZER_FILES = ["vocab.json", "merges.txt"];
-const OPTIONAL_TOKENIZER_FILES = ["tokenizer_config.json", "special_tokens_map.json"];
-
-/** Weights are held in wasm memory (≤ 4 GiB, and they are copied once while parsing); larger
- * folders are refused with a readable message instead of running out of memory half-way. */
-const MAX_MODEL_BYTES = 1.5e9;
+export { clearCache, storageEstimate, resolveModelUrl };
 
 let wasmReady = null;
 
@@ -32,6 +21,12 @@ export async function version() {
   await init();
   return wasmVersion();
 }
+
+/** Peak size of this thread's wasm memory so far, in bytes (wasm memory only grows). */
+export function wasmMemoryBytes() {
+  return wasmMemory?.buffer.byteLength ?? 0;
+}
+let wasmMemory = null;
 
 /** Turn a wasm trap into the Rust panic message that caused it. */
 function explain(error) {
@@ -51,195 +46,30 @@ function explain(error) {
   return new Error(String(error));
 }
 
-const mb = (n) => `${(n / 1e6).toFixed(1)} MB`;
-
-/** Fetch `url` with progress; `null` for 404 when `optional`. */
-async function fetchBytes(url, name, optional, progress) {
-  let response;
-  try {
-    response = await fetch(url);
-  } catch (e) {
-    throw new Error(`could not reach ${url} (${e.message ?? e})`);
-  }
-  if (!response.ok) {
-    // An unread body keeps its connection busy; browsers allow only a few per server.
-    await response.body?.cancel().catch(() => {});
-    if (response.status === 404 && optional) return null;
-    throw new Error(`${url}: HTTP ${response.status} ${response.statusText}`.trim());
-  }
-  const total = Number(response.headers.get("Content-Length")) || 0;
-  progress.expect(name, total);
-  if (!response.body) {
-    const bytes = new Uint8Array(await response.arrayBuffer());
-    progress.add(name, bytes.length);
-    return bytes;
-  }
-  const reader = response.body.getReader();
-  const chunks = [];
-  let length = 0;
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) break;
-    chunks.push(value);
-    length += value.length;
-    progress.add(name, value.length);
-  }
-  if (total && length !== total) throw new Error(`${url}: got ${length} of ${total} bytes (connection cut?)`);
-  const bytes = new Uint8Array(length);
-  let offset = 0;
-  for (const c of chunks) {
-    bytes.set(c, offset);
-    offset += c.length;
-  }
-  return bytes;
-}
-
-/** Sums bytes over files and reports `{ file, loaded, total }` through `onProgress`. */
-class Progress {
-  constructor(onProgress) {
-    this.onProgress = onProgress;
-    this.totals = new Map();
-    this.loaded = 0;
-  }
-  expect(file, total) {
-    this.totals.set(file, total);
-  }
-  add(file, n) {
-    this.loaded += n;
-    const total = [...this.totals.values()].reduce((a, b) => a + b, 0);
-    this.onProgress?.({ file, loaded: this.loaded, total: Math.max(total, this.loaded) });
-  }
-}
-
-/** Which files of a folder listing the loader reads: configs, the tokenizer, and per component
- * the first weight stem present (single file, or an index and its shards). */
-export function selectFiles(names) {
-  const have = new Set(names);
-  const wanted = ["model_index.json"].filter((n) => have.has(n));
-  for (const f of [...TOKENIZER_FILES, ...OPTIONAL_TOKENIZER_FILES]) {
-    if (have.has(`tokenizer/${f}`)) wanted.push(`tokenizer/${f}`);
-  }
-  for (const [dir, stems] of Object.entries(COMPONENTS)) {
-    if (have.has(`${dir}/config.json`)) wanted.push(`${dir}/config.json`);
-    for (const stem of stems) {
-      if (have.has(`${dir}/${stem}.safetensors`)) {
-        wanted.push(`${dir}/${stem}.safetensors`);
-        break;
-      }
-      if (have.has(`${dir}/${stem}.safetensors.index.json`)) {
-        wanted.push(`${dir}/${stem}.safetensors.index.json`);
-        wanted.push(...names.filter((n) => n.startsWith(`${dir}/${stem}-`) && n.endsWith(".safetensors")));
-        break;
-      }
-    }
-  }
-  return wanted;
-}
-
-/** The files of a model folder at URL `base`, read as model_index.json describes it. */
-async function filesFromUrl(base, progress) {
-  const absolute = new URL(base, globalThis.location?.href).href;
-  const root = absolute.endsWith("/") ? absolute : `${absolute}/`;
-  const get = (name, optional = false) => fetchBytes(new URL(name, root).href, name, optional, progress);
-  const indexBytes = await get("model_index.json", true);
-  if (!indexBytes) throw new Error(`${root}model_index.json not found: is ${root} a diffusers model folder?`);
-  let index;
-  try {
-    index = JSON.parse(new TextDecoder().decode(indexBytes));
-  } catch (e) {
-    throw new Error(`${root}model_index.json is not valid JSON (${e.message})`);
-  }
-  const files = { "model_index.json": indexBytes };
-  const jobs = [];
-  for (const f of TOKENIZER_FILES) jobs.push(get(`tokenizer/${f}`).then((b) => (files[`tokenizer/${f}`] = b)));
-  for (const f of OPTIONAL_TOKENIZER_FILES) {
-    jobs.push(get(`tokenizer/${f}`, true).then((b) => b && (files[`tokenizer/${f}`] = b)));
-  }
-  for (const [dir, stems] of Object.entries(COMPONENTS)) {
-    if (!(dir in index)) continue; // pixel-space models have no vae
-    jobs.push(
-      (async () => {
-        files[`${dir}/config.json`] = await get(`${dir}/config.json`);
-        for (const stem of stems) {
-          const single = await get(`${dir}/${stem}.safetensors`, true);
-          if (single) {
-            files[`${dir}/${stem}.safetensors`] = single;
-            return;
-          }
-          const shardIndex = await get(`${dir}/${stem}.safetensors.index.json`, true);
-          if (shardIndex) {
-            files[`${dir}/${stem}.safetensors.index.json`] = shardIndex;
-            const map = JSON.parse(new TextDecoder().decode(shardIndex)).weight_map ?? {};
-            for (const shard of new Set(Object.values(map))) files[`${dir}/${shard}`] = await get(`${dir}/${shard}`);
-            return;
-          }
-        }
-        throw new Error(`${root}${dir}/: no weights (${stems.map((s) => `${s}.safetensors`).join(" or ")})`);
-      })(),
-    );
-  }
-  await Promise.all(jobs);
-  return files;
-}
-
-/** The files of a map `name → URL | ArrayBuffer | typed array | Blob`. */
-async function filesFromMap(map, progress) {
-  const entries = map instanceof Map ? [...map.entries()] : Object.entries(map);
-  const names = selectFiles(entries.map(([n]) => n));
-  const byName = new Map(entries);
-  const total = names.reduce((sum, n) => sum + (byName.get(n)?.size ?? byName.get(n)?.byteLength ?? 0), 0);
-  if (total > MAX_MODEL_BYTES) {
-    throw new Error(
-      `this model's files are ${mb(total)}; the browser build keeps weights in wasm memory and ` +
-        `handles up to ${mb(MAX_MODEL_BYTES)} (SD-1.5-size models do not fit yet)`,
-    );
-  }
-  const files = {};
-  await Promise.all(
-    names.map(async (name) => {
-      const value = byName.get(name);
-      if (typeof value === "string" || value instanceof URL) {
-        files[name] = await fetchBytes(String(value), name, false, progress);
-      } else if (typeof Blob !== "undefined" && value instanceof Blob) {
-        progress.expect(name, value.size);
-        files[name] = new Uint8Array(await value.arrayBuffer());
-        progress.add(name, value.size);
-      } else if (value instanceof ArrayBuffer || ArrayBuffer.isView(value)) {
-        const bytes = value instanceof ArrayBuffer ? new Uint8Array(value) : new Uint8Array(value.buffer, value.byteOffset, value.byteLength);
-        progress.expect(name, bytes.length);
-        files[name] = bytes;
-        progress.add(name, bytes.length);
-      } else {
-        throw new Error(`file ${name}: expected a URL, ArrayBuffer, typed array or Blob`);
-      }
-    }),
-  );
-  return files;
-}
-
 /** A text-to-image model running in this thread. */
 export class InstaFlow {
   #model;
   #queue = Promise.resolve();
   #broken = null;
 
-  constructor(model) {
+  constructor(model, stats) {
     this.#model = model;
+    this.loadStats = stats;
   }
 
   /**
-   * Load a model: `source` is the URL of a diffusers folder, or a map of file name → URL |
-   * ArrayBuffer | typed array | Blob (e.g. the files of a folder picker, names relative to it).
+   * Load a model: `source` is the URL of a diffusers folder, an `hf:ORG/NAME[@REV]` id (Hugging
+   * Face Hub), or a map of file name → URL | ArrayBuffer | typed array | Blob (e.g. the files of a
+   * folder picker, names relative to it). Weights stream piece by piece to the device; URL
+   * downloads are cached. `signal` (an `AbortSignal`) cancels the load.
    */
-  static async load(source, { onProgress, backend = "auto", wasm } = {}) {
-    await init(wasm);
-    const progress = new Progress(onProgress);
-    const files =
-      typeof source === "string" || source instanceof URL
-        ? await filesFromUrl(String(source), progress)
-        : await filesFromMap(source ?? {}, progress);
+  static async load(source, { onProgress, backend = "auto", wasm, signal, cache = true, hfEndpoint, pieceBytes, requestBytes } = {}) {
+    const exports = await init(wasm);
+    wasmMemory = exports.memory;
     try {
-      return new InstaFlow(await WasmInstaFlow.fromFiles(files, backend));
+      const { model, stats } = await loadModel(WasmLoader, source, { onProgress, backend, signal, cache, hfEndpoint, pieceBytes, requestBytes });
+      stats.wasmMemoryBytes = wasmMemoryBytes();
+      return new InstaFlow(model, stats);
     } catch (e) {
       throw explain(e);
     }
@@ -256,7 +86,7 @@ export class InstaFlow {
   }
 
   /** Generate one image; calls run one after another. */
-  generate({ prompt, seed = 0, noise, guidance = 1, steps = 1, latents = false } = {}) {
+  generate({ prompt, seed = 0, noise, guidance = 1, steps = 1, latents = false, width = 0, height = 0 } = {}) {
     const run = async () => {
       if (this.#broken) throw this.#broken;
       if (typeof prompt !== "string") throw new Error("generate: `prompt` must be a string");
@@ -264,9 +94,12 @@ export class InstaFlow {
       if (!Number.isInteger(steps) || steps < 1 || steps > 1000) throw new Error("generate: `steps` must be an integer in [1, 1000]");
       if (!Number.isFinite(guidance)) throw new Error("generate: `guidance` must be a finite number");
       if (noise !== undefined && !(noise instanceof Float32Array)) throw new Error("generate: `noise` must be a Float32Array");
+      for (const [k, v] of [["width", width], ["height", height]]) {
+        if (!Number.isInteger(v) || v < 0 || v > 4096) throw new Error(`generate: \`${k}\` must be a whole number of pixels up to 4096 (0: the model's size)`);
+      }
       let image;
       try {
-        image = await this.#model.generate(prompt, seed, noise, steps, guidance, latents);
+        image = await this.#model.generate(prompt, seed, noise, steps, guidance, latents, width, height);
       } catch (e) {
         const error = explain(e);
         if (error.fatal) this.#broken = new Error(`${error.message} (load the model again)`);
@@ -278,6 +111,7 @@ export class InstaFlow {
         rgba: image.rgba,
         backend: image.backend,
         timings: { encodeMs: image.encodeMs, unetMs: image.unetMs, decodeMs: image.decodeMs, totalMs: image.totalMs },
+        wasmMemoryBytes: wasmMemoryBytes(),
       };
       if (latents) result.latents = image.latents;
       image.free();
@@ -288,10 +122,11 @@ export class InstaFlow {
     return next;
   }
 
-  /** Release the model's memory (GPU buffers and wasm heap). */
+  /** Release the model's memory (GPU buffers and wasm heap). Generations already queued fail. */
   free() {
     this.#model?.free();
     this.#model = null;
+    this.#broken = new Error("the model was freed");
   }
 }
 
@@ -328,8 +163,9 @@ export class InstaFlowWorker {
     });
   }
 
-  /** Start a worker and load `source` in it (see `InstaFlow.load`). */
-  static async load(source, { onProgress, backend = "auto", wasm, worker } = {}) {
+  /** Start a worker and load `source` in it (see `InstaFlow.load`); `signal` stops the worker. */
+  static async load(source, { onProgress, backend = "auto", wasm, worker, signal, cache = true, hfEndpoint, pieceBytes, requestBytes } = {}) {
+    if (signal?.aborted) throw Object.assign(new Error("loading was cancelled"), { name: "AbortError" });
     const w = worker ?? new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
     const proxy = new InstaFlowWorker(w);
     // Relative URLs are resolved here: the worker's base URL is its script's.
@@ -338,13 +174,19 @@ export class InstaFlowWorker {
       typeof source === "string" || source instanceof URL
         ? absolute(source)
         : Object.fromEntries((source instanceof Map ? [...source.entries()] : Object.entries(source ?? {})).map(([k, v]) => [k, absolute(v)]));
+    // Cancelling a load in a worker ends the worker: its fetches stop and its memory is returned.
+    const onAbort = () => proxy.#fail(Object.assign(new Error("loading was cancelled"), { name: "AbortError" }));
+    signal?.addEventListener("abort", onAbort);
     try {
-      const info = await proxy.#call({ op: "load", source: src, backend, wasm: wasm && absolute(wasm) }, onProgress);
+      const info = await proxy.#call({ op: "load", source: src, backend, wasm: wasm && absolute(wasm), cache, hfEndpoint, pieceBytes, requestBytes }, onProgress);
       proxy.backend = info.backend;
       proxy.noiseShape = info.noiseShape;
+      proxy.loadStats = info.loadStats;
     } catch (e) {
       w.terminate();
       throw e;
+    } finally {
+      signal?.removeEventListener("abort", onAbort);
     }
     return proxy;
   }
@@ -356,8 +198,12 @@ export class InstaFlowWorker {
 
   /** Stop the worker and free the model. */
   free() {
+    this.#fail(new Error("the model was freed"));
+  }
+
+  #fail(error) {
     this.#worker.terminate();
-    for (const call of this.#pending.values()) call.reject(new Error("the model was freed"));
+    for (const call of this.#pending.values()) call.reject(error);
     this.#pending.clear();
   }
 }

@@ -13,8 +13,9 @@ self.onmessage = async ({ data }) => {
       model?.free();
       model = null;
       const onProgress = (progress) => self.postMessage({ id, progress });
-      model = await InstaFlow.load(data.source, { onProgress, backend: data.backend, wasm: data.wasm });
-      self.postMessage({ id, result: { backend: model.backend, noiseShape: model.noiseShape } });
+      const { backend, wasm, cache, hfEndpoint, pieceBytes, requestBytes } = data;
+      model = await InstaFlow.load(data.source, { onProgress, backend, wasm, cache, hfEndpoint, pieceBytes, requestBytes });
+      self.postMessage({ id, result: { backend: model.backend, noiseShape: model.noiseShape, loadStats: model.loadStats } });
     } else if (op === "generate") {
       if (!model) throw new Error("no model loaded");
       const result = await model.generate(data.options);

@@ -4,14 +4,17 @@
 //! on a machine that has only the Rust toolchain; and rather than `tiny_http`, which here
 //! intermittently never delivered responses to a browser's parallel requests (the requests arrived,
 //! the responses did not). One thread per connection, one request per connection (`Connection:
-//! close`): GET and HEAD of static files is all it does. It binds to loopback only (WebGPU needs a
-//! secure context, which `localhost`/`127.0.0.1` is).
+//! close`): GET and HEAD of static files, with single byte ranges (206), ETags and CORS headers as
+//! a model host such as the Hugging Face Hub sends them, so the browser's streaming loader can be
+//! tried against it. `GET /__stats` reports the body bytes served so far (what the cache tests
+//! count). It binds to loopback only (WebGPU needs a secure context, which `localhost`/`127.0.0.1` is).
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
@@ -30,6 +33,35 @@ pub struct ServeArgs {
     /// Without any, `/`=www, `/instaflow`=web, `/models`=models.
     #[arg(long = "mount", value_name = "PREFIX=FOLDER")]
     mounts: Vec<String>,
+    /// Answer Range requests with the whole file (as some static hosts do), to try the loader's
+    /// fallback.
+    #[arg(long)]
+    no_range: bool,
+}
+
+/// What the server serves and how.
+#[derive(Debug)]
+pub struct Server {
+    /// URL prefixes and their folders.
+    pub mounts: Mounts,
+    /// Whether byte ranges are honoured.
+    pub ranges: bool,
+    /// Body bytes sent so far.
+    pub bytes: AtomicU64,
+    /// Requests answered so far.
+    pub requests: AtomicU64,
+}
+
+impl Server {
+    /// A server of `mounts`.
+    pub fn new(mounts: Mounts, ranges: bool) -> Self {
+        Self {
+            mounts,
+            ranges,
+            bytes: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+        }
+    }
 }
 
 /// URL prefix → folder, longest prefix first.
@@ -132,7 +164,7 @@ pub fn run(root: &Path, args: ServeArgs) -> Result<()> {
     } else {
         args.mounts.clone()
     };
-    let mounts = Arc::new(Mounts::parse(&specs, root)?);
+    let server = Arc::new(Server::new(Mounts::parse(&specs, root)?, !args.no_range));
     if args.mounts.is_empty() && !root.join("web/pkg/instaflow_wasm_bg.wasm").is_file() {
         bail!(
             "web/pkg is not built: run without --no-build (or `cargo run -p xtask -- build-web`)"
@@ -143,72 +175,189 @@ pub fn run(root: &Path, args: ServeArgs) -> Result<()> {
     let port = listener.local_addr().context("listening address")?.port();
     // The exact line tests wait for.
     println!("serving http://127.0.0.1:{port}/");
-    serve_forever(listener, mounts);
+    serve_forever(listener, server);
     Ok(())
 }
 
 /// Answer every connection on `listener` in its own thread.
-pub fn serve_forever(listener: TcpListener, mounts: Arc<Mounts>) {
+pub fn serve_forever(listener: TcpListener, server: Arc<Server>) {
     for stream in listener.incoming().flatten() {
-        let mounts = mounts.clone();
+        let server = server.clone();
         std::thread::spawn(move || {
             // A client that goes away mid-response is not the server's problem.
-            let _ = handle(stream, &mounts);
+            let _ = handle(stream, &server);
         });
     }
 }
 
+/// A parsed `Range: bytes=a-b` header (one range; `b` may be open).
+fn parse_range(value: &str, len: u64) -> Option<Result<(u64, u64), ()>> {
+    let spec = value.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None; // multipart ranges: answer with the whole file
+    }
+    let (a, b) = spec.split_once('-')?;
+    let range = match (a.trim(), b.trim()) {
+        ("", suffix) => {
+            let n: u64 = suffix.parse().ok()?;
+            (len.saturating_sub(n), len.checked_sub(1)?)
+        }
+        (a, "") => (a.parse().ok()?, len.checked_sub(1)?),
+        (a, b) => (
+            a.parse().ok()?,
+            b.parse::<u64>().ok()?.min(len.saturating_sub(1)),
+        ),
+    };
+    Some(if range.0 <= range.1 && range.1 < len {
+        Ok(range)
+    } else {
+        Err(())
+    })
+}
+
 /// Read one request from `stream` and answer it.
-fn handle(mut stream: TcpStream, mounts: &Mounts) -> io::Result<()> {
+fn handle(mut stream: TcpStream, server: &Server) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
+    let mut range = None;
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
             break;
         }
+        if let Some((name, value)) = line.split_once(':')
+            && name.trim().eq_ignore_ascii_case("range")
+        {
+            range = Some(value.trim().to_string());
+        }
     }
+    server.requests.fetch_add(1, Ordering::Relaxed);
     let mut parts = request_line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    if method != "GET" && method != "HEAD" {
-        return reply(&mut stream, "405 Method Not Allowed", "text/plain", None);
+    let mut head = Head::new();
+    if method == "OPTIONS" {
+        head.status = "204 No Content";
+        head.extra.push((
+            "Access-Control-Allow-Headers",
+            "Range, If-None-Match".to_string(),
+        ));
+        head.extra
+            .push(("Access-Control-Allow-Methods", "GET, HEAD".to_string()));
+        return head.send(&mut stream, None, server, false);
     }
-    match mounts
+    if method != "GET" && method != "HEAD" {
+        head.status = "405 Method Not Allowed";
+        return head.send(&mut stream, None, server, false);
+    }
+    if target.split('?').next() == Some("/__stats") {
+        let body = format!(
+            "{{\"bytes\":{},\"requests\":{}}}",
+            server.bytes.load(Ordering::Relaxed),
+            server.requests.load(Ordering::Relaxed)
+        );
+        head.content_type = "application/json";
+        head.length = body.len() as u64;
+        return head.send(&mut stream, Some(&mut body.as_bytes()), server, false);
+    }
+    let Some((path, mut file)) = server
+        .mounts
         .resolve(target)
         .and_then(|path| File::open(&path).ok().map(|f| (path, f)))
-    {
-        Some((path, file)) => reply(
-            &mut stream,
-            "200 OK",
-            content_type(&path),
-            (method == "GET").then_some(file),
-        ),
-        None => reply(&mut stream, "404 Not Found", "text/plain", None),
+    else {
+        head.status = "404 Not Found";
+        return head.send(&mut stream, None, server, false);
+    };
+    let meta = file.metadata()?;
+    let len = meta.len();
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    head.content_type = content_type(&path);
+    head.extra.push(("ETag", format!("\"{len:x}-{mtime:x}\"")));
+    if server.ranges {
+        head.extra.push(("Accept-Ranges", "bytes".to_string()));
     }
+    let (start, end) = match range
+        .filter(|_| server.ranges)
+        .and_then(|r| parse_range(&r, len))
+    {
+        Some(Ok((a, b))) => {
+            head.status = "206 Partial Content";
+            head.extra
+                .push(("Content-Range", format!("bytes {a}-{b}/{len}")));
+            (a, b + 1)
+        }
+        Some(Err(())) => {
+            head.status = "416 Range Not Satisfiable";
+            head.extra.push(("Content-Range", format!("bytes */{len}")));
+            return head.send(&mut stream, None, server, false);
+        }
+        None => (0, len),
+    };
+    head.length = end - start;
+    if method == "HEAD" {
+        return head.send(&mut stream, None, server, false);
+    }
+    file.seek(SeekFrom::Start(start))?;
+    head.send(&mut stream, Some(&mut file.take(end - start)), server, true)
 }
 
-fn reply(
-    stream: &mut TcpStream,
-    status: &str,
-    content_type: &str,
-    file: Option<File>,
-) -> io::Result<()> {
-    let length = match &file {
-        Some(f) => f.metadata()?.len(),
-        None => 0,
-    };
-    write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\n\
-         Cache-Control: no-cache\r\nConnection: close\r\n\r\n"
-    )?;
-    if let Some(mut f) = file {
-        io::copy(&mut f, stream)?;
+/// A response's status line and headers.
+struct Head {
+    status: &'static str,
+    content_type: &'static str,
+    length: u64,
+    extra: Vec<(&'static str, String)>,
+}
+
+impl Head {
+    fn new() -> Self {
+        Self {
+            status: "200 OK",
+            content_type: "text/plain",
+            length: 0,
+            extra: Vec::new(),
+        }
     }
-    stream.flush()?;
-    stream.shutdown(std::net::Shutdown::Write)
+
+    /// Write the head, then `body` (counted in the server's statistics when `count`), and end the
+    /// connection.
+    fn send(
+        &self,
+        stream: &mut TcpStream,
+        body: Option<&mut dyn Read>,
+        server: &Server,
+        count: bool,
+    ) -> io::Result<()> {
+        let Self {
+            status,
+            content_type,
+            length,
+            ..
+        } = self;
+        let mut head = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\n\
+             Cache-Control: no-cache\r\nConnection: close\r\nAccess-Control-Allow-Origin: *\r\n\
+             Access-Control-Expose-Headers: Content-Length, Content-Range, ETag, Accept-Ranges\r\n"
+        );
+        for (name, value) in &self.extra {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        stream.write_all(head.as_bytes())?;
+        if let Some(body) = body {
+            let sent = io::copy(body, stream)?;
+            if count {
+                server.bytes.fetch_add(sent, Ordering::Relaxed);
+            }
+        }
+        stream.flush()?;
+        stream.shutdown(std::net::Shutdown::Write)
+    }
 }
 
 #[cfg(test)]
@@ -243,10 +392,13 @@ mod tests {
     #[test]
     fn serves_files_with_length_and_type_and_404s_the_rest() {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let mounts = Arc::new(Mounts::parse(&["/m=models".into()], &root).unwrap());
+        let server = Arc::new(Server::new(
+            Mounts::parse(&["/m=models".into()], &root).unwrap(),
+            true,
+        ));
         let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
         let port = listener.local_addr().unwrap().port();
-        std::thread::spawn(move || serve_forever(listener, mounts));
+        std::thread::spawn(move || serve_forever(listener, server));
         let body =
             std::fs::read_to_string(root.join("models/instaflow-emoji/unet/config.json")).unwrap();
         let answers: Vec<_> = (0..16)
@@ -261,6 +413,80 @@ mod tests {
         }
         assert!(get(port, "/m/nothing-here").starts_with("HTTP/1.1 404"));
         assert!(get(port, "/m/../Cargo.toml").starts_with("HTTP/1.1 404"));
+    }
+
+    fn request(port: u16, head: &str) -> String {
+        use std::io::Read;
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(s, "{head}\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    fn start(ranges: bool) -> (u16, Arc<Server>) {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let server = Arc::new(Server::new(
+            Mounts::parse(&["/m=models".into()], &root).unwrap(),
+            ranges,
+        ));
+        let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let s = server.clone();
+        std::thread::spawn(move || serve_forever(listener, s));
+        (port, server)
+    }
+
+    #[test]
+    fn byte_ranges_etags_and_served_byte_counts() {
+        let (port, server) = start(true);
+        let file = "/m/instaflow-emoji/unet/config.json";
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let body =
+            std::fs::read_to_string(root.join("models/instaflow-emoji/unet/config.json")).unwrap();
+        let len = body.len();
+        let r = request(port, &format!("GET {file} HTTP/1.1\r\nRange: bytes=2-5"));
+        assert!(r.starts_with("HTTP/1.1 206 Partial Content\r\n"), "{r}");
+        assert!(
+            r.contains(&format!("Content-Range: bytes 2-5/{len}\r\n")),
+            "{r}"
+        );
+        assert!(r.ends_with(&body[2..6]), "{r}");
+        let r = request(port, &format!("GET {file} HTTP/1.1\r\nrange: bytes=10-"));
+        assert!(r.ends_with(&body[10..]), "{r}");
+        let r = request(port, &format!("GET {file} HTTP/1.1\r\nRange: bytes={len}-"));
+        assert!(r.starts_with("HTTP/1.1 416"), "{r}");
+        let before = server.bytes.load(Ordering::Relaxed);
+        let r = request(port, &format!("HEAD {file} HTTP/1.1"));
+        assert!(
+            r.contains("ETag: \"") && r.contains("Accept-Ranges: bytes"),
+            "{r}"
+        );
+        assert!(r.contains(&format!("Content-Length: {len}\r\n")) && r.ends_with("\r\n\r\n"));
+        assert_eq!(
+            server.bytes.load(Ordering::Relaxed),
+            before,
+            "HEAD sends no body"
+        );
+        let stats = request(port, "GET /__stats HTTP/1.1");
+        assert!(
+            stats.contains(&format!("\"bytes\":{}", 4 + len - 10)),
+            "{stats}"
+        );
+    }
+
+    #[test]
+    fn without_ranges_the_whole_file_is_sent() {
+        let (port, _) = start(false);
+        let r = request(
+            port,
+            "GET /m/instaflow-emoji/unet/config.json HTTP/1.1\r\nRange: bytes=2-5",
+        );
+        assert!(
+            r.starts_with("HTTP/1.1 200 OK\r\n") && !r.contains("Accept-Ranges"),
+            "{r}"
+        );
+        assert!(r.ends_with("}\n") || r.ends_with('}'), "{r}");
     }
 
     #[test]

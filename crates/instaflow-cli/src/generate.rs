@@ -25,7 +25,9 @@ pub struct GenerateArgs {
     prompt: String,
     /// A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/), e.g. a local
     /// copy of XCLiu/instaflow_0_9B_from_sd_1_5 or `RUN/model` from `instaflow distill`. Without
-    /// it, the built-in one-step emoji model (16×16 pixels) is used.
+    /// it, the built-in one-step emoji model (16×16 pixels) is used. A Hugging Face id
+    /// (`hf:XCLiu/instaflow_0_9B_from_sd_1_5`, `@REVISION` optional) is read from the hub's local
+    /// cache (HF_HUB_CACHE / HF_HOME / ~/.cache/huggingface/hub).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Euler steps N (InstaFlow one-step models: 1; 2-rectified-flow models: 10–25).
@@ -149,28 +151,53 @@ pub fn run(choice: BackendChoice, args: GenerateArgs) -> Result<()> {
         "--out {}: the output must be a .png file",
         args.out.display()
     );
-    if let Some(m) = &args.model {
-        ensure!(m.is_dir(), "--model {}: no such folder", m.display());
-    }
+    let model = args.model.as_deref().map(model_folder).transpose()?;
     ensure!(
         args.scale.is_none_or(|s| (1..=64).contains(&s)),
         "--scale must be between 1 and 64"
     );
     let selected = resolve(choice)?;
-    with_backend!(&selected, B, device => generate::<B>(&args, &device, selected.name()))
+    with_backend!(&selected, B, device => generate::<B>(&args, model.as_deref(), &device, selected.name()))
+}
+
+/// The folder `--model` names: a folder on disk, or a Hugging Face Hub id (`hf:ORG/NAME[@REV]`,
+/// or `ORG/NAME` when no such folder exists) found in the hub's local cache.
+pub fn model_folder(model: &Path) -> Result<PathBuf> {
+    if model.is_dir() {
+        return Ok(model.to_path_buf());
+    }
+    let text = model.to_string_lossy();
+    let Some((repo, revision)) = instaflow::source::parse_hub_id(&text, true) else {
+        anyhow::bail!("--model {}: no such folder", model.display());
+    };
+    let cache = instaflow::source::hub_cache_dir()
+        .context("no Hugging Face cache folder: set HF_HUB_CACHE or HF_HOME")?;
+    let snapshot = instaflow::source::hub_snapshot(&cache, &repo, &revision).map_err(|e| {
+        if text.starts_with("hf:") {
+            anyhow::anyhow!("--model {e}")
+        } else {
+            anyhow::anyhow!("--model {text}: no such folder, and as a Hugging Face id: {e}")
+        }
+    })?;
+    Ok(snapshot)
 }
 
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
-fn generate<B: Backend>(args: &GenerateArgs, device: &B::Device, backend: &str) -> Result<()> {
+fn generate<B: Backend>(
+    args: &GenerateArgs,
+    model: Option<&Path>,
+    device: &B::Device,
+    backend: &str,
+) -> Result<()> {
     let total = Instant::now();
     let t = Instant::now();
-    let (source, model_name) = match &args.model {
+    let (source, model_name) = match model {
         Some(m) => (
             instaflow::source::ModelSource::dir(m),
-            m.display().to_string(),
+            args.model.as_deref().unwrap_or(m).display().to_string(),
         ),
         None => (embedded::default_model(), embedded::NAME.to_string()),
     };
@@ -196,21 +223,10 @@ fn generate<B: Backend>(args: &GenerateArgs, device: &B::Device, backend: &str) 
             (shape, values)
         }
         None => {
-            let (lh, lw) = pipe.unet_config.latent_size();
-            let width = args.width.unwrap_or(lw * pipe.vae_scale);
-            let height = args.height.unwrap_or(lh * pipe.vae_scale);
-            for (name, v) in [("--width", width), ("--height", height)] {
-                ensure!(
-                    v > 0 && v % multiple == 0,
-                    "{name} {v}: must be a positive multiple of {multiple} for this model"
-                );
-            }
-            let shape = vec![
-                args.batch,
-                channels,
-                height / pipe.vae_scale,
-                width / pipe.vae_scale,
-            ];
+            let shape = pipe
+                .latent_shape(args.batch, args.width, args.height)
+                .map_err(|e| anyhow::anyhow!("--{e}"))?
+                .to_vec();
             let n = shape.iter().product();
             (
                 shape,

@@ -9,6 +9,7 @@ mod embedded;
 mod eval;
 mod generate;
 mod plots;
+mod random_model;
 mod reflow;
 mod toy;
 mod train;
@@ -57,6 +58,9 @@ enum Command {
     /// Copy a diffusers folder with its weights re-encoded: f16 (default) halves what a browser
     /// downloads; tensor names, configs and tokenizer are kept.
     Convert(convert::ConvertArgs),
+    /// Write a diffusers folder in the SD-1.5 architecture with random weights (`--preset sd15` has
+    /// SD-1.5's exact shapes), to try loaders, the browser and benchmarks at full size.
+    RandomModel(random_model::RandomModelArgs),
     /// Time the text encoder, UNet and VAE decoder at SD-1.5 size (random weights).
     Bench(bench_sd::BenchSdArgs),
     /// Time a convolution, a matmul and attention (SD-1.5 shapes) on each backend that works here.
@@ -76,6 +80,7 @@ fn main() -> ExitCode {
         Command::Reflow(args) => reflow::run(cli.backend, args),
         Command::Eval(args) => eval::run(cli.backend, args),
         Command::Convert(args) => convert::run(args),
+        Command::RandomModel(args) => random_model::run(args),
         Command::Bench(args) => bench_sd::run(cli.backend, args),
         Command::BenchBackends(args) => bench::run(args),
         Command::Backends => bench::list(),

@@ -10,6 +10,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use instaflow::pipeline::{GenerateOptions, InstaFlowPipeline, to_rgba8_async};
 use instaflow::source::ModelSource;
+use instaflow::weights::stream::{self, StreamingLoader};
 use js_sys::{Function, Object, Promise, Reflect, Uint8Array};
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
@@ -138,6 +139,20 @@ impl GeneratedImage {
 #[wasm_bindgen]
 pub struct InstaFlow {
     engine: Engine,
+    // Declared after `engine`, so dropped after it: the model's buffers are free by then.
+    _cleanup: GpuCleanup,
+}
+
+/// Hands the device memory pool's free buffers back once a model (or a cancelled load) is dropped,
+/// so switching models does not keep the old one's GPU memory.
+struct GpuCleanup(Option<WgpuDevice>);
+
+impl Drop for GpuCleanup {
+    fn drop(&mut self) {
+        if let Some(device) = &self.0 {
+            WebGpu::memory_cleanup(device);
+        }
+    }
 }
 
 /// `performance.now()` (sub-millisecond, in pages and workers), else `Date.now()`.
@@ -175,44 +190,181 @@ fn files_from_js(files: &JsValue) -> Result<BTreeMap<String, Vec<u8>>, JsError> 
     Ok(map)
 }
 
+/// The backend a load asks for: `true` for WebGPU.
+async fn choose_gpu(backend: &str) -> Result<bool, JsError> {
+    Ok(match backend {
+        "cpu" => false,
+        "auto" => webgpu_adapter_available().await,
+        "webgpu" if webgpu_adapter_available().await => true,
+        "webgpu" => {
+            return Err(JsError::new(
+                "WebGPU is not available in this browser (no navigator.gpu adapter)",
+            ));
+        }
+        other => {
+            return Err(JsError::new(&format!(
+                "backend `{other}`: expected \"auto\", \"webgpu\" or \"cpu\""
+            )));
+        }
+    })
+}
+
+thread_local! {
+    /// burn's WebGPU runtime is set up once per page or worker: a second setup of the same device
+    /// panics, so loading a second model reuses the first setup.
+    static GPU_READY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+async fn gpu_device() -> WgpuDevice {
+    let device = WgpuDevice::default();
+    if !GPU_READY.get() {
+        init_setup_async::<graphics::WebGpu>(&device, Default::default()).await;
+        GPU_READY.set(true);
+    }
+    device
+}
+
+/// Most weight bytes (as f32) the CPU backend takes: its tensors live in wasm memory (4 GiB at
+/// most, and the largest single allocation must fit beside everything else).
+const MAX_CPU_WEIGHT_BYTES: u64 = 3 << 30;
+
+enum Loading {
+    Gpu(StreamingLoader<WebGpu>, WgpuDevice),
+    Cpu(StreamingLoader<Flex>),
+}
+
+/// A model being loaded piece by piece: made from the folder's small files and the headers of its
+/// weight files (checked against the configs at once), then fed the byte ranges listed in
+/// `pieces` with `put`, then turned into an [`InstaFlow`] with `finish`.
 #[wasm_bindgen]
-impl InstaFlow {
-    /// Load a model from the files of a diffusers folder (object: relative path → `Uint8Array`).
-    /// `backend`: `"auto"` (WebGPU when the browser gives an adapter, else CPU), `"webgpu"` (fail
-    /// without an adapter) or `"cpu"`.
-    #[wasm_bindgen(js_name = fromFiles)]
-    pub async fn from_files(files: JsValue, backend: String) -> Result<InstaFlow, JsError> {
+pub struct Loader {
+    loading: Loading,
+    _cleanup: GpuCleanup,
+}
+
+#[wasm_bindgen]
+impl Loader {
+    /// `files`: relative path → `Uint8Array` for configs, tokenizer files and shard indexes, and an
+    /// empty `Uint8Array` for each weight file; `headers`: weight file → its JSON header bytes;
+    /// `sizes`: weight file → its length in bytes; `backend`: `"auto"`, `"webgpu"` or `"cpu"`;
+    /// `pieceBytes`: the largest piece to plan.
+    pub async fn create(
+        files: JsValue,
+        headers: JsValue,
+        sizes: JsValue,
+        backend: String,
+        #[wasm_bindgen(js_name = pieceBytes)] piece_bytes: f64,
+    ) -> Result<Loader, JsError> {
         let source = ModelSource::Memory {
             name: "model folder".into(),
             files: files_from_js(&files)?,
         };
-        let gpu = match backend.as_str() {
-            "cpu" => false,
-            "auto" => webgpu_adapter_available().await,
-            "webgpu" if webgpu_adapter_available().await => true,
-            "webgpu" => {
-                return Err(JsError::new(
-                    "WebGPU is not available in this browser (no navigator.gpu adapter)",
-                ));
-            }
-            other => {
+        let mut parsed = BTreeMap::new();
+        for (file, json) in files_from_js(&headers)? {
+            let size = Reflect::get(&sizes, &file.as_str().into())
+                .ok()
+                .and_then(|v| v.as_f64())
+                .map(|v| v as u64);
+            let tensors =
+                stream::parse_header(&source.display(&file), &json, size).map_err(js_error)?;
+            parsed.insert(file, tensors);
+        }
+        let piece_bytes = if piece_bytes >= 1.0 {
+            piece_bytes as u64
+        } else {
+            stream::DEFAULT_PIECE_BYTES
+        };
+        let loading = if choose_gpu(&backend).await? {
+            let device = gpu_device().await;
+            let l = StreamingLoader::new(&source, &parsed, &device, piece_bytes, true)
+                .map_err(js_error)?;
+            Loading::Gpu(l, device)
+        } else {
+            let l = StreamingLoader::new(&source, &parsed, &Default::default(), piece_bytes, true)
+                .map_err(js_error)?;
+            let need = l.device_bytes();
+            if need > MAX_CPU_WEIGHT_BYTES {
                 return Err(JsError::new(&format!(
-                    "backend `{other}`: expected \"auto\", \"webgpu\" or \"cpu\""
+                    "this model's weights need {:.1} GB as f32; the CPU (wasm) backend holds at most \
+                     {:.1} GB (wasm memory is limited to 4 GB). Use a browser with WebGPU and about \
+                     {:.1} GB of GPU memory",
+                    need as f64 / 1e9,
+                    MAX_CPU_WEIGHT_BYTES as f64 / 1e9,
+                    need as f64 / 1e9 + 1.0
                 )));
             }
+            Loading::Cpu(l)
         };
-        let engine = if gpu {
-            let device = WgpuDevice::default();
-            init_setup_async::<graphics::WebGpu>(&device, Default::default()).await;
-            let pipe = InstaFlowPipeline::load(&source, &device).map_err(js_error)?;
-            Engine::Gpu(Box::new(pipe), device)
-        } else {
-            let pipe = InstaFlowPipeline::load(&source, &Default::default()).map_err(js_error)?;
-            Engine::Cpu(Box::new(pipe))
+        let device = match &loading {
+            Loading::Gpu(_, d) => Some(d.clone()),
+            Loading::Cpu(_) => None,
         };
-        Ok(InstaFlow { engine })
+        Ok(Loader {
+            loading,
+            _cleanup: GpuCleanup(device),
+        })
     }
 
+    /// The byte ranges to fetch, in order: `[file, start, end]` each (end exclusive).
+    #[wasm_bindgen(getter)]
+    pub fn pieces(&self) -> js_sys::Array {
+        let pieces = match &self.loading {
+            Loading::Gpu(l, _) => l.pieces(),
+            Loading::Cpu(l) => l.pieces(),
+        };
+        pieces
+            .iter()
+            .map(|p| {
+                js_sys::Array::of3(
+                    &p.file.as_str().into(),
+                    &(p.start as f64).into(),
+                    &(p.end as f64).into(),
+                )
+            })
+            .collect()
+    }
+
+    /// Bytes the weights occupy on the device (f32).
+    #[wasm_bindgen(getter, js_name = deviceBytes)]
+    pub fn device_bytes(&self) -> f64 {
+        match &self.loading {
+            Loading::Gpu(l, _) => l.device_bytes() as f64,
+            Loading::Cpu(l) => l.device_bytes() as f64,
+        }
+    }
+
+    /// `webgpu` or `cpu`.
+    #[wasm_bindgen(getter)]
+    pub fn backend(&self) -> String {
+        match self.loading {
+            Loading::Gpu(..) => "webgpu".into(),
+            Loading::Cpu(_) => "cpu".into(),
+        }
+    }
+
+    /// Give piece `index` (exactly its bytes); they are converted and uploaded before this returns,
+    /// and the copy in wasm memory is dropped.
+    pub fn put(&mut self, index: u32, bytes: &[u8]) -> Result<(), JsError> {
+        match &mut self.loading {
+            Loading::Gpu(l, _) => l.put(index as usize, bytes),
+            Loading::Cpu(l) => l.put(index as usize, bytes),
+        }
+        .map_err(js_error)
+    }
+
+    /// The loaded model (every piece must have been given).
+    pub fn finish(self) -> Result<InstaFlow, JsError> {
+        let Loader { loading, _cleanup } = self;
+        let engine = match loading {
+            Loading::Gpu(l, device) => Engine::Gpu(Box::new(l.finish().map_err(js_error)?), device),
+            Loading::Cpu(l) => Engine::Cpu(Box::new(l.finish().map_err(js_error)?)),
+        };
+        Ok(InstaFlow { engine, _cleanup })
+    }
+}
+
+#[wasm_bindgen]
+impl InstaFlow {
     /// The backend in use: `webgpu` or `cpu`.
     #[wasm_bindgen(getter)]
     pub fn backend(&self) -> String {
@@ -236,6 +388,8 @@ impl InstaFlow {
     /// Generate one image. The initial noise is `noise` (`[1, C, h, w]` flattened) if given, else
     /// drawn from `seed` with the native CLI's generator (same seed, same image); `steps` Euler
     /// steps; guidance α (1: one UNet call per step). `latents` also returns the final latents.
+    /// `width`/`height` (0: the model's own size) set the image size.
+    #[allow(clippy::too_many_arguments)]
     pub async fn generate(
         &self,
         prompt: String,
@@ -244,6 +398,8 @@ impl InstaFlow {
         steps: u32,
         guidance: f64,
         latents: bool,
+        width: u32,
+        height: u32,
     ) -> Result<GeneratedImage, JsError> {
         if steps == 0 || !guidance.is_finite() {
             return Err(JsError::new(
@@ -259,6 +415,7 @@ impl InstaFlow {
                 guidance,
             },
             latents,
+            size: [width, height].map(|v| (v > 0).then_some(v as usize)),
         };
         let mut image = match &self.engine {
             Engine::Gpu(pipe, device) => run(pipe, device, request).await?,
@@ -276,6 +433,7 @@ struct Request {
     noise: Option<Vec<f32>>,
     opts: GenerateOptions,
     latents: bool,
+    size: [Option<usize>; 2],
 }
 
 /// Wait until the device has computed `t` (WebGPU queues work; only a readback waits for it), so
@@ -295,8 +453,10 @@ async fn run<B: Backend>(
     req: Request,
 ) -> Result<GeneratedImage, JsError> {
     let start = now_ms();
-    let (h, w) = pipe.unet_config.latent_size();
-    let shape = [1, pipe.unet_config.in_channels, h, w];
+    let shape = pipe
+        .latent_shape(1, req.size[0], req.size[1])
+        .map_err(|e| JsError::new(&e))?;
+    let [_, _, h, w] = shape;
     let noise = match req.noise {
         Some(values) => {
             let expected: usize = shape.iter().product();

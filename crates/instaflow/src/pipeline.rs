@@ -117,6 +117,43 @@ pub fn load_text_encoder<B: Backend>(
     Ok(model)
 }
 
+/// Read the tokenizer and every config of a diffusers folder and build its models with lazily
+/// initialised (not yet allocated) weights, for a weight loader to fill.
+pub fn init_components<B: Backend>(
+    source: &ModelSource,
+    device: &B::Device,
+) -> Result<InstaFlowPipeline<B>, LoadError> {
+    if let ModelSource::Dir(d) = source
+        && !d.is_dir()
+    {
+        return Err(LoadError::Missing(d.display().to_string()));
+    }
+    let tokenizer = ClipTokenizer::from_source(source, "tokenizer")?;
+    let text_cfg: ClipTextConfig = read_config(source, "text_encoder")?;
+    let text_encoder = text_cfg
+        .init::<B>(device)
+        .map_err(unsupported(source, "text_encoder"))?;
+    let unet_config: UNet2DConditionConfig = read_config(source, "unet")?;
+    let unet = unet_config
+        .init::<B>(device)
+        .map_err(unsupported(source, "unet"))?;
+    let (vae, vae_scale) = if source.has_dir("vae") {
+        let cfg: AutoencoderKLConfig = read_config(source, "vae")?;
+        let vae = cfg.init::<B>(device).map_err(unsupported(source, "vae"))?;
+        (Some(vae), 1 << (cfg.block_out_channels.len() - 1))
+    } else {
+        (None, 1)
+    };
+    Ok(InstaFlowPipeline {
+        tokenizer,
+        text_encoder,
+        unet,
+        vae,
+        unet_config,
+        vae_scale,
+    })
+}
+
 impl<B: Backend> VelocityField<B, 4> for UNet2DConditionModel<B> {
     /// Text embeddings `[B, 77, D]`.
     type Cond = Tensor<B, 3>;
@@ -165,28 +202,48 @@ pub struct InstaFlowPipeline<B: Backend> {
 impl<B: Backend> InstaFlowPipeline<B> {
     /// Load every component of a diffusers folder (on disk or in memory).
     pub fn load(source: &ModelSource, device: &B::Device) -> Result<Self, LoadError> {
-        if let ModelSource::Dir(d) = source
-            && !d.is_dir()
-        {
-            return Err(LoadError::Missing(d.display().to_string()));
+        let mut pipe = init_components(source, device)?;
+        let files = |dir, stems| weights::weight_files(source, dir, stems);
+        weights::load(
+            &mut pipe.text_encoder,
+            source,
+            &files("text_encoder", &["model", "pytorch_model"])?,
+            weights::CLIP_REMAPS,
+        )?;
+        let stems = &["diffusion_pytorch_model", "model"];
+        weights::load(&mut pipe.unet, source, &files("unet", stems)?, &[])?;
+        if let Some(vae) = &mut pipe.vae {
+            weights::load(vae, source, &files("vae", stems)?, &[])?;
         }
-        let tokenizer = ClipTokenizer::from_source(source, "tokenizer")?;
-        let text_encoder = load_text_encoder(source, "text_encoder", device)?;
-        let (unet_config, unet) = load_unet(source, "unet", device)?;
-        let (vae, vae_scale) = if source.has_dir("vae") {
-            let (cfg, vae) = load_vae(source, "vae", device)?;
-            (Some(vae), 1 << (cfg.block_out_channels.len() - 1))
-        } else {
-            (None, 1)
-        };
-        Ok(Self {
-            tokenizer,
-            text_encoder,
-            unet,
-            vae,
-            unet_config,
-            vae_scale,
-        })
+        Ok(pipe)
+    }
+
+    /// The noise shape `[batch, C, h, w]` for images of `width`×`height` pixels (default: the
+    /// UNet's `sample_size`); sizes must be positive multiples of what the UNet's down-sampling
+    /// and the VAE allow.
+    pub fn latent_shape(
+        &self,
+        batch: usize,
+        width: Option<usize>,
+        height: Option<usize>,
+    ) -> Result<[usize; 4], String> {
+        let multiple = self.vae_scale << (self.unet_config.block_out_channels.len() - 1);
+        let (lh, lw) = self.unet_config.latent_size();
+        let width = width.unwrap_or(lw * self.vae_scale);
+        let height = height.unwrap_or(lh * self.vae_scale);
+        for (name, v) in [("width", width), ("height", height)] {
+            if v == 0 || v % multiple != 0 {
+                return Err(format!(
+                    "{name} {v}: must be a positive multiple of {multiple} for this model"
+                ));
+            }
+        }
+        Ok([
+            batch,
+            self.unet_config.in_channels,
+            height / self.vae_scale,
+            width / self.vae_scale,
+        ])
     }
 
     /// Text embeddings `[B, 77, D]` of `prompts`.

@@ -91,3 +91,128 @@ impl ModelSource {
         }
     }
 }
+
+/// A Hugging Face Hub model id: `hf:ORG/NAME[@REVISION]`, or bare `ORG/NAME[@REVISION]` when
+/// `bare` is allowed (callers allow it only when no local folder of that name exists).
+pub fn parse_hub_id(text: &str, bare: bool) -> Option<(String, String)> {
+    let rest = match text.strip_prefix("hf:") {
+        Some(rest) => rest,
+        None if bare => text,
+        None => return None,
+    };
+    let (repo, revision) = rest.split_once('@').unwrap_or((rest, "main"));
+    let ok = |s: &str| {
+        !s.is_empty()
+            && !s.starts_with('.')
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    let (org, name) = repo.trim_end_matches('/').split_once('/')?;
+    let rev_ok = !revision.is_empty()
+        && !revision.contains("..")
+        && revision
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+    (ok(org) && ok(name) && rev_ok).then(|| (format!("{org}/{name}"), revision.to_string()))
+}
+
+/// The Hugging Face Hub's local cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+/// `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub` (huggingface_hub's rules).
+pub fn hub_cache_dir() -> Option<PathBuf> {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    var("HF_HUB_CACHE")
+        .or_else(|| var("HF_HOME").map(|h| h.join("hub")))
+        .or_else(|| var("XDG_CACHE_HOME").map(|c| c.join("huggingface/hub")))
+        .or_else(|| var("HOME").map(|h| h.join(".cache/huggingface/hub")))
+}
+
+/// The snapshot folder of model `repo` (`ORG/NAME`) at `revision` (a branch or tag named in
+/// `refs/`, or a commit hash) in the hub cache `cache`: `models--ORG--NAME/snapshots/COMMIT/`.
+pub fn hub_snapshot(
+    cache: &std::path::Path,
+    repo: &str,
+    revision: &str,
+) -> Result<PathBuf, SourceError> {
+    let root = cache.join(format!("models--{}", repo.replace('/', "--")));
+    let not_cached = |what: String| SourceError {
+        path: format!("hf:{repo}@{revision}"),
+        message: format!(
+            "{what} in the Hugging Face cache {} — download it first (e.g. `huggingface-cli download \
+             {repo}`); instaflow reads the hub's cache but does not download",
+            cache.display()
+        ),
+    };
+    if !root.is_dir() {
+        return Err(not_cached("not found".into()));
+    }
+    let commit = match std::fs::read_to_string(root.join("refs").join(revision)) {
+        Ok(c) => c.trim().to_string(),
+        Err(_) => revision.to_string(),
+    };
+    let snapshot = root.join("snapshots").join(&commit);
+    if snapshot.is_dir() && !commit.contains('/') {
+        Ok(snapshot)
+    } else {
+        Err(not_cached(format!("revision {revision} is not")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_ids_parse() {
+        let id = |s: &str, bare| parse_hub_id(s, bare);
+        assert_eq!(
+            id("hf:XCLiu/instaflow_0_9B_from_sd_1_5", false),
+            Some(("XCLiu/instaflow_0_9B_from_sd_1_5".into(), "main".into()))
+        );
+        assert_eq!(
+            id("hf:a/b@v1.0", false),
+            Some(("a/b".into(), "v1.0".into()))
+        );
+        assert_eq!(id("a/b", true), Some(("a/b".into(), "main".into())));
+        assert_eq!(id("a/b", false), None);
+        for bad in [
+            "hf:a",
+            "hf:a/b/c",
+            "hf:../b",
+            "hf:a/b@../x",
+            "hf:a/b@",
+            "hf:a b/c",
+        ] {
+            assert_eq!(id(bad, false), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn hub_snapshots_resolve_through_refs() {
+        let cache = std::env::temp_dir().join(format!("instaflow-hub-{}", std::process::id()));
+        let root = cache.join("models--org--name");
+        std::fs::create_dir_all(root.join("snapshots/abc123")).unwrap();
+        std::fs::create_dir_all(root.join("refs")).unwrap();
+        std::fs::write(root.join("refs/main"), "abc123\n").unwrap();
+        assert_eq!(
+            hub_snapshot(&cache, "org/name", "main").unwrap(),
+            root.join("snapshots/abc123")
+        );
+        assert_eq!(
+            hub_snapshot(&cache, "org/name", "abc123").unwrap(),
+            root.join("snapshots/abc123")
+        );
+        let e = hub_snapshot(&cache, "org/name", "v2")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("revision v2 is not") && e.contains("does not download"),
+            "{e}"
+        );
+        assert!(hub_snapshot(&cache, "org/other", "main").is_err());
+        std::fs::remove_dir_all(&cache).unwrap();
+    }
+}

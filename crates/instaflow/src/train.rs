@@ -173,12 +173,12 @@ pub fn load_model<B: Backend>(
 }
 
 /// Inverse of the loader's name remaps: module paths → diffusers names.
-const SAVE_REMAPS: &[(&str, &str)] = &[
+pub(crate) const SAVE_REMAPS: &[(&str, &str)] = &[
     (r"\.ff\.proj_in\.", ".ff.net.0.proj."),
     (r"\.ff\.proj_out\.", ".ff.net.2."),
 ];
 
-fn save_safetensors<B: Backend, M: ModuleSnapshot<B>>(
+pub(crate) fn save_safetensors<B: Backend, M: ModuleSnapshot<B>>(
     module: &M,
     path: &Path,
     half: bool,

@@ -8,6 +8,7 @@ pub mod attention;
 pub mod clip;
 pub mod config;
 pub mod embeddings;
+pub mod random;
 pub mod resnet;
 pub mod unet_2d;
 pub mod unet_2d_blocks;

@@ -9,6 +9,8 @@ use std::rc::Rc;
 
 use burn::tensor::DType;
 
+pub mod stream;
+
 use crate::source::ModelSource;
 use burn::tensor::backend::Backend;
 use burn_store::{
@@ -121,7 +123,7 @@ fn ignorable(name: &str) -> bool {
 
 /// One safetensors file of a component, by its path relative to the model source.
 #[derive(Debug, Clone)]
-pub struct WeightFile(String);
+pub struct WeightFile(pub String);
 
 /// The weight files of component `dir` (e.g. `unet`): `<stem>.safetensors`, or the shards listed in
 /// `<stem>.safetensors.index.json`. `stems` are tried in order (e.g. diffusers' and transformers').
