@@ -45,7 +45,7 @@ cargo clippy --release --locked --target wasm32-unknown-unknown -p instaflow-was
 
 step "browser tests (headless Chromium: WebGPU on SwiftShader, wasm CPU fallback, npm pack)"
 (cd tests/browser && npm ci --no-audit --no-fund)
-node --test --test-concurrency=1 tests/browser/page.test.mjs tests/browser/package.test.mjs
+node --test --test-concurrency=1 tests/browser/page.test.mjs tests/browser/stream.test.mjs tests/browser/package.test.mjs
 echo "screenshots and the packed tarball: target/browser-tests/"
 
 step "all tests passed"

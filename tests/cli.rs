@@ -453,3 +453,96 @@ fn convert_round_trips_the_built_in_model_and_refuses_to_overwrite() {
     assert!(err.contains("exists and is not empty"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+#[test]
+fn hugging_face_ids_are_read_from_the_hub_cache() {
+    // The hub cache layout: models--ORG--NAME/{refs/main, snapshots/COMMIT/…}.
+    let cache = temp_dir("hub-cache");
+    let snapshot = cache.join("models--someone--tiny-instaflow/snapshots/0123abc");
+    run_ok(
+        instaflow()
+            .args(["random-model", "--preset", "mini", "--seed", "2", "--out"])
+            .arg(&snapshot),
+    );
+    let refs = cache.join("models--someone--tiny-instaflow/refs");
+    std::fs::create_dir_all(&refs).unwrap();
+    std::fs::write(refs.join("main"), "0123abc").unwrap();
+    let out = cache.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let image = |model: &str, png: &str| {
+        run_ok(
+            instaflow()
+                .env("HF_HUB_CACHE", &cache)
+                .current_dir(&out)
+                .args([
+                    "--backend",
+                    "cpu",
+                    "generate",
+                    "a cat",
+                    "--model",
+                    model,
+                    "--out",
+                    png,
+                ]),
+        );
+        std::fs::read(out.join(png)).unwrap()
+    };
+    let a = image("hf:someone/tiny-instaflow", "a.png");
+    assert_eq!(a, image("someone/tiny-instaflow", "b.png"));
+    assert_eq!(a, image("hf:someone/tiny-instaflow@0123abc", "c.png"));
+    let direct = image(snapshot.to_str().unwrap(), "d.png");
+    assert_eq!(a, direct);
+    for (model, needle) in [
+        ("hf:someone/other", "not found in the Hugging Face cache"),
+        (
+            "hf:someone/tiny-instaflow@v9",
+            "revision v9 is not in the Hugging Face cache",
+        ),
+        ("nobody/nothing", "no such folder, and as a Hugging Face id"),
+    ] {
+        let r = instaflow()
+            .env("HF_HUB_CACHE", &cache)
+            .current_dir(&out)
+            .args([
+                "--backend",
+                "cpu",
+                "generate",
+                "x",
+                "--model",
+                model,
+                "--out",
+                "x.png",
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(1), "{err}");
+        assert!(err.contains(needle), "{model}: {err}");
+    }
+    std::fs::remove_dir_all(&cache).unwrap();
+}
+
+#[test]
+fn random_models_refuse_a_non_empty_folder_and_unknown_presets() {
+    let dir = temp_dir("random-model");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("keep.txt"), "data").unwrap();
+    let r = instaflow()
+        .args(["random-model", "--preset", "mini", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("not empty"));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("keep.txt")).unwrap(),
+        "data"
+    );
+    let r = instaflow()
+        .args(["random-model", "--preset", "sd99", "--out"])
+        .arg(dir.join("x"))
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(2));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

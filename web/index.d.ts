@@ -4,12 +4,33 @@ export interface LoadProgress {
   file: string;
   /** Bytes read so far, all files together. */
   loaded: number;
-  /** Bytes expected, all files whose size is known so far. */
+  /** Weight bytes to read in all (known once the headers are read). */
   total: number;
+  /** Average speed so far, bytes per second (cache hits included). */
+  bytesPerSecond: number;
+  /** Estimated seconds until every weight byte is read, or `null` before an estimate exists. */
+  secondsLeft: number | null;
 }
 
-/** Where a model's files come from: the URL of a diffusers folder (with `model_index.json`), or a
- * map of file names relative to the folder (`unet/config.json`, …) to their contents. */
+/** What a load did. */
+export interface LoadStats {
+  /** Body bytes read from the network (0 when everything came from the cache). */
+  networkBytes: number;
+  /** Weight bytes read (network or cache). */
+  weightBytes: number;
+  /** Bytes the weights occupy on the device (f32). */
+  deviceBytes: number;
+  /** Pieces handed to the device one at a time (large tensors are split). */
+  pieces: number;
+  /** Range requests (or cache reads) made for them. */
+  requests: number;
+  /** Size of the wasm memory after loading (wasm memory only grows: its peak so far). */
+  wasmMemoryBytes: number;
+}
+
+/** Where a model's files come from: the URL of a diffusers folder (with `model_index.json`), a
+ * Hugging Face Hub id `hf:ORG/NAME` (optionally `@REVISION`), or a map of file names relative to
+ * the folder (`unet/config.json`, …) to their contents. */
 export type ModelSource =
   | string
   | URL
@@ -24,6 +45,17 @@ export interface LoadOptions {
   backend?: "auto" | "webgpu" | "cpu";
   /** Where to fetch `instaflow_wasm_bg.wasm` from (default: next to the package's JS). */
   wasm?: string | URL;
+  /** Cancels the load: fetching stops, what was uploaded is freed, the promise rejects with an
+   * `AbortError`. */
+  signal?: AbortSignal;
+  /** Keep downloads in the Cache API and reuse them (default true). */
+  cache?: boolean;
+  /** The Hub for `hf:` ids (default `https://huggingface.co`; a mirror works too). */
+  hfEndpoint?: string;
+  /** Largest piece of a tensor moved through wasm memory at once (default 16 MiB). */
+  pieceBytes?: number;
+  /** Bytes fetched per HTTP request (default 32 MiB; one cache entry each). */
+  requestBytes?: number;
 }
 
 /** Options of `InstaFlowWorker.load`. */
@@ -46,6 +78,10 @@ export interface GenerateOptions {
   steps?: number;
   /** Also return the final latents (before decoding). */
   latents?: boolean;
+  /** Image width in pixels (0 or absent: the model's own size). */
+  width?: number;
+  /** Image height in pixels (0 or absent: the model's own size). */
+  height?: number;
 }
 
 /** Milliseconds per stage (each measured after the device finished it). */
@@ -67,6 +103,8 @@ export interface GeneratedImage {
   timings: Timings;
   /** The final latents `[1, C, h, w]`, when `latents: true` was asked. */
   latents?: Float32Array<ArrayBuffer>;
+  /** Size of the wasm memory of the thread that ran it. */
+  wasmMemoryBytes: number;
 }
 
 /** A text-to-image model running in the calling thread. */
@@ -78,6 +116,8 @@ export declare class InstaFlow {
   readonly backend: "webgpu" | "cpu";
   /** `[1, C, h, w]`: the shape of `noise`. */
   readonly noiseShape: number[];
+  /** What the load did. */
+  readonly loadStats: LoadStats;
   /** Generate one image. Calls on one model run one after another. */
   generate(options: GenerateOptions): Promise<GeneratedImage>;
   /** Release GPU buffers and wasm memory. */
@@ -90,6 +130,7 @@ export declare class InstaFlowWorker {
   static load(source: ModelSource, options?: WorkerLoadOptions): Promise<InstaFlowWorker>;
   readonly backend: "webgpu" | "cpu";
   readonly noiseShape: number[];
+  readonly loadStats: LoadStats;
   generate(options: GenerateOptions): Promise<GeneratedImage>;
   /** Stop the worker (and with it the model). */
   free(): void;
@@ -99,5 +140,11 @@ export declare class InstaFlowWorker {
 export declare function init(wasm?: string | URL): Promise<unknown>;
 /** The package version. */
 export declare function version(): Promise<string>;
-/** The files of a folder listing that the loader reads. */
-export declare function selectFiles(names: string[]): string[];
+/** Delete every model download kept in the Cache API; resolves to whether there was any. */
+export declare function clearCache(): Promise<boolean>;
+/** `navigator.storage.estimate()` where the browser has it. */
+export declare function storageEstimate(): Promise<{ usage?: number; quota?: number } | null>;
+/** The folder URL a source string stands for (`hf:ORG/NAME[@REV]`, a Hub page URL, or a URL). */
+export declare function resolveModelUrl(source: string | URL, options?: { hfEndpoint?: string; base?: string }): string;
+/** Size of this thread's wasm memory in bytes. */
+export declare function wasmMemoryBytes(): number;

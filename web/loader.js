@@ -23,15 +23,16 @@ const checkAbort = (signal) => {
   if (signal?.aborted) throw abortError();
 };
 
-/** `hf:ORG/NAME[@REVISION]` or `https://huggingface.co/ORG/NAME[/resolve/REV]` → folder URL. */
+/** `hf:ORG/NAME[@REVISION]` (on `hfEndpoint`) or a model page `https://huggingface.co/ORG/NAME`
+ * → the folder URL its files are read from; other URLs are folders already. */
 export function resolveModelUrl(source, { hfEndpoint = HF_ENDPOINT, base = globalThis.location?.href } = {}) {
   const text = String(source);
   const hf = text.match(/^hf:([\w.-]+\/[\w.-]+)(?:@([\w./-]+))?\/?$/);
   if (hf) return `${hfEndpoint.replace(/\/$/, "")}/${hf[1]}/resolve/${hf[2] ?? "main"}/`;
   const url = new URL(text, base);
-  const onHub = url.origin === new URL(hfEndpoint).origin;
-  const repo = url.pathname.match(/^\/([\w.-]+\/[\w.-]+)\/?$/);
-  if (onHub && repo) return `${url.origin}/${repo[1]}/resolve/main/`;
+  // A model's page on huggingface.co (`/ORG/NAME`, `/ORG/NAME/tree/REV`) stands for its files.
+  const repo = url.pathname.match(/^\/([\w.-]+\/[\w.-]+)(?:\/tree\/([\w.-]+))?\/?$/);
+  if (url.origin === HF_ENDPOINT && repo) return `${url.origin}/${repo[1]}/resolve/${repo[2] ?? "main"}/`;
   return url.href.endsWith("/") ? url.href : `${url.href}/`;
 }
 
@@ -81,6 +82,7 @@ class UrlFiles {
     // Range support is assumed until a Range request is answered with the whole file.
     const meta = { size, version, ranges: response.headers.get("Accept-Ranges") !== "none" };
     this.meta.set(name, meta);
+    await this.evictStale(name, version);
     return meta;
   }
 
@@ -109,7 +111,8 @@ class UrlFiles {
     }
   }
 
-  /** Drop cache entries of `name` made for another version of the file. */
+  /** Drop cache entries of `name` made for another version of the file (they can never be used
+   * again). */
   async evictStale(name, version) {
     if (!this.useCache) return;
     const cache = await caches.open(CACHE_NAME);
@@ -366,7 +369,7 @@ export async function loadModel(WasmLoader, source, { onProgress, backend = "aut
   const decoder = new TextDecoder();
   const decode = (b) => decoder.decode(b);
   const progress = new Progress(onProgress);
-  const where = files.root ?? "the given files";
+  const where = files.root ?? "";
 
   const indexBytes = await files.read("model_index.json", true);
   let index = null;

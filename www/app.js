@@ -4,15 +4,18 @@
 //
 // `window.instaflowPage` exposes the page's state (used by the browser tests, handy in devtools).
 
-import { InstaFlowWorker } from "/instaflow/index.js";
+import { InstaFlowWorker, clearCache, storageEstimate } from "/instaflow/index.js";
 
 const BUILTIN = new URL("/models/instaflow-emoji/", location.href).href;
+/** The published InstaFlow-0.9B (diffusers layout on the Hugging Face Hub); `?hub=` points the
+ * page at another Hub endpoint (a mirror, or a local test server). */
+const INSTAFLOW_09B = "hf:XCLiu/instaflow_0_9B_from_sd_1_5";
 const DEBOUNCE_MS = 120;
 const $ = (id) => document.getElementById(id);
 const query = new URLSearchParams(location.search);
 
 const page = (window.instaflowPage = {
-  state: "loading", // loading | ready | generating | error
+  state: "loading", // loading | ready | generating | error | cancelled
   backend: null,
   requests: 0, // debounced requests made
   generations: 0, // generations started
@@ -23,6 +26,7 @@ const page = (window.instaflowPage = {
 
 let model = null;
 let loads = 0; // a newer load makes older ones stale
+let cancelLoad = null; // aborts the load in progress
 let running = false;
 let wanted = null;
 let timer = null;
@@ -112,41 +116,77 @@ function show(image, job) {
   page.last = { prompt: job.prompt, seed: job.seed, guidance: job.guidance, steps: job.steps, width: image.width, height: image.height, rgba: Array.from(image.rgba), timings: t, backend: image.backend };
 }
 
-/** Load a model (the built-in one's URL, or a map of files) and generate with the current inputs. */
+const mb = (n) => (n / 1e6).toFixed(1);
+
+function loadingText(label, { loaded, total, bytesPerSecond, secondsLeft }) {
+  let text = `loading ${label}: ${mb(loaded)} / ${mb(total)} MB`;
+  if (bytesPerSecond > 0) text += ` · ${mb(bytesPerSecond)} MB/s`;
+  if (secondsLeft !== null && secondsLeft !== undefined && loaded < total) text += ` · ${Math.ceil(secondsLeft)} s left`;
+  return text;
+}
+
+/** Show how much this browser keeps for the page (downloaded models are most of it). */
+async function showStorage() {
+  const estimate = await storageEstimate().catch(() => null);
+  $("storage").textContent = estimate
+    ? `Stored by this page: ${mb(estimate.usage ?? 0)} MB of ${mb(estimate.quota ?? 0)} MB available.`
+    : "";
+}
+
+/** Load a model (a URL, a Hub id, or a map of files) and generate with the current inputs. */
 async function load(source, label) {
   const token = ++loads;
+  cancelLoad?.abort();
   model?.free();
   model = null;
   page.state = "loading";
   page.last = null;
   clearError();
+  $("big-model").hidden = true;
   const bar = $("progress");
   bar.hidden = false;
   bar.value = 0;
   $("load-status").textContent = `loading ${label}…`;
   $("timing").textContent = "loading…";
+  const controller = new AbortController();
+  cancelLoad = controller;
+  $("cancel").hidden = false;
   try {
     const loaded = await InstaFlowWorker.load(source, {
       backend: $("backend").value,
-      onProgress: ({ loaded, total }) => {
+      signal: controller.signal,
+      hfEndpoint: query.get("hub") ?? undefined,
+      onProgress: (p) => {
         if (token !== loads) return;
-        bar.value = total ? loaded / total : 0;
-        $("load-status").textContent = `loading ${label}: ${(loaded / 1e6).toFixed(1)} / ${(total / 1e6).toFixed(1)} MB`;
+        bar.value = p.total ? p.loaded / p.total : 0;
+        $("load-status").textContent = loadingText(label, p);
       },
     });
     if (token !== loads) return loaded.free();
     model = loaded;
     page.backend = loaded.backend;
+    page.loadStats = loaded.loadStats;
     page.state = "ready";
-    $("load-status").textContent = `${label} · ${loaded.backend === "webgpu" ? "WebGPU" : "CPU (wasm)"}`;
+    // Weights are held as f32 on every backend.
+    $("load-status").textContent = `${label} · ${loaded.backend === "webgpu" ? "WebGPU, f32" : "CPU (wasm), f32"}`;
     request({ now: true });
   } catch (e) {
     if (token !== loads) return;
     $("load-status").textContent = "";
     $("timing").textContent = "no model";
-    showError(`Could not load ${label}: ${e.message}`);
+    if (e.name === "AbortError") {
+      page.state = "cancelled";
+      $("load-status").textContent = `loading ${label} was cancelled`;
+    } else {
+      showError(`Could not load ${label}: ${e.message}`);
+    }
   } finally {
-    if (token === loads) bar.hidden = true;
+    if (token === loads) {
+      bar.hidden = true;
+      $("cancel").hidden = true;
+      cancelLoad = null;
+      showStorage();
+    }
   }
 }
 
@@ -164,11 +204,26 @@ let folderLoaded = false;
 
 function loadSelected() {
   if ($("model").value === "folder") return $("folder").click();
+  if ($("model").value === "instaflow-0.9b") {
+    // Several GB: say so, and wait for the user to agree, before the download starts.
+    $("big-model").hidden = false;
+    return;
+  }
   folderLoaded = false;
   load(query.get("model") ? new URL(query.get("model"), location.href).href : BUILTIN, query.get("model") ?? "the built-in emoji model");
 }
 
 $("model").addEventListener("change", loadSelected);
+$("big-model-go").addEventListener("click", () => load(INSTAFLOW_09B, "InstaFlow-0.9B"));
+$("big-model-back").addEventListener("click", () => {
+  $("model").value = "builtin";
+  loadSelected();
+});
+$("cancel").addEventListener("click", () => cancelLoad?.abort());
+$("clear-cache").addEventListener("click", async () => {
+  await clearCache();
+  showStorage();
+});
 $("backend").addEventListener("change", () => {
   if ($("model").value === "folder" && $("folder").files.length) load(folderFiles($("folder").files), "your folder");
   else loadSelected();

@@ -16,9 +16,10 @@ export const MODEL = path.join(ROOT, "models/instaflow-emoji");
 export const ARTIFACTS = path.join(ROOT, "target/browser-tests");
 fs.mkdirSync(ARTIFACTS, { recursive: true });
 
-/** Start `xtask serve --no-build` with `mounts` (default: the page's own); resolves to its URL. */
-export async function serve(mounts = []) {
-  const args = ["serve", "--no-build", "--port", "0", ...mounts.flatMap((m) => ["--mount", m])];
+/** Start `xtask serve --no-build` with `mounts` (default: the page's own) and extra `flags`;
+ * resolves to its URL. */
+export async function serve(mounts = [], flags = []) {
+  const args = ["serve", "--no-build", "--port", "0", ...flags, ...mounts.flatMap((m) => ["--mount", m])];
   const child = spawn(XTASK, args, { cwd: ROOT, stdio: ["ignore", "pipe", "inherit"] });
   const url = await new Promise((resolve, reject) => {
     let out = "";

@@ -37,6 +37,9 @@ pub struct ServeArgs {
     /// fallback.
     #[arg(long)]
     no_range: bool,
+    /// Print every request (method, path, range, bytes sent) to stderr.
+    #[arg(long)]
+    log: bool,
 }
 
 /// What the server serves and how.
@@ -50,6 +53,8 @@ pub struct Server {
     pub bytes: AtomicU64,
     /// Requests answered so far.
     pub requests: AtomicU64,
+    /// Print every request to stderr.
+    pub log: bool,
 }
 
 impl Server {
@@ -60,6 +65,7 @@ impl Server {
             ranges,
             bytes: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            log: false,
         }
     }
 }
@@ -164,7 +170,9 @@ pub fn run(root: &Path, args: ServeArgs) -> Result<()> {
     } else {
         args.mounts.clone()
     };
-    let server = Arc::new(Server::new(Mounts::parse(&specs, root)?, !args.no_range));
+    let mut server = Server::new(Mounts::parse(&specs, root)?, !args.no_range);
+    server.log = args.log;
+    let server = Arc::new(server);
     if args.mounts.is_empty() && !root.join("web/pkg/instaflow_wasm_bg.wasm").is_file() {
         bail!(
             "web/pkg is not built: run without --no-build (or `cargo run -p xtask -- build-web`)"
@@ -282,8 +290,9 @@ fn handle(mut stream: TcpStream, server: &Server) -> io::Result<()> {
         head.extra.push(("Accept-Ranges", "bytes".to_string()));
     }
     let (start, end) = match range
+        .as_deref()
         .filter(|_| server.ranges)
-        .and_then(|r| parse_range(&r, len))
+        .and_then(|r| parse_range(r, len))
     {
         Some(Ok((a, b))) => {
             head.status = "206 Partial Content";
@@ -299,6 +308,13 @@ fn handle(mut stream: TcpStream, server: &Server) -> io::Result<()> {
         None => (0, len),
     };
     head.length = end - start;
+    if server.log {
+        eprintln!(
+            "{method} {target} {} → {}",
+            range.as_deref().unwrap_or("-"),
+            head.length
+        );
+    }
     if method == "HEAD" {
         return head.send(&mut stream, None, server, false);
     }

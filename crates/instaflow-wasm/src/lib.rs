@@ -150,7 +150,7 @@ struct GpuCleanup(Option<WgpuDevice>);
 impl Drop for GpuCleanup {
     fn drop(&mut self) {
         if let Some(device) = &self.0 {
-            WebGpu::memory_cleanup(device);
+            <WebGpu as Backend>::memory_cleanup(device);
         }
     }
 }

@@ -1,0 +1,290 @@
+// The package's streaming loader in headless Chromium: weights read by HTTP Range in small pieces
+// (an SD-1.5-architecture model with a VAE, narrow layers), the Cache API, cancelling, switching
+// models, Hugging Face ids, servers that ignore Range, and the CPU backend's refusal of an
+// SD-1.5-size model before any weight byte is fetched.
+
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { ROOT, browser, cli, gaussian, maxDiff, readSafetensors, serve, writeSafetensors } from "./harness.mjs";
+
+const work = fs.mkdtempSync(path.join(os.tmpdir(), "instaflow-stream-"));
+const MINI = path.join(work, "mini");
+const SD15 = path.join(work, "sd15-zeros");
+const PAGE = path.join(ROOT, "tests/browser/blank");
+const PROMPT = "a red heart";
+/** Small pieces and requests, so that tensors are split and a load makes many requests. */
+const SMALL = { pieceBytes: 16384, requestBytes: 65536 };
+
+let server;
+let noise;
+let native;
+let gpu;
+
+const stats = async () => (await fetch(`${server.url}__stats`)).json();
+
+before(async () => {
+  cli("random-model", "--preset", "mini", "--dtype", "f16", "--seed", "1", "--out", MINI);
+  cli("random-model", "--preset", "sd15", "--zeros", "--out", SD15);
+  noise = gaussian(4 * 8 * 8, 5);
+  writeSafetensors(path.join(work, "noise.safetensors"), "noise", [1, 4, 8, 8], noise);
+  cli(
+    "--backend", "cpu", "generate", PROMPT, "--model", MINI, "--noise", path.join(work, "noise.safetensors"),
+    "--save-latents", path.join(work, "latents.safetensors"), "--out", path.join(work, "native.png"),
+  );
+  native = readSafetensors(path.join(work, "latents.safetensors")).values;
+  server = await serve([`/=${PAGE}`, `/instaflow=${path.join(ROOT, "web")}`, `/mini=${MINI}`, `/sd15=${SD15}`, `/org/mini/resolve/main=${MINI}`, `/models=${path.join(ROOT, "models")}`]);
+  gpu = await browser({ webgpu: true });
+});
+
+after(async () => {
+  await gpu?.close();
+  server?.close();
+  fs.rmSync(work, { recursive: true, force: true });
+});
+
+/** A blank page with the package imported and its wasm module instantiated (so that byte counts
+ * that follow are the model's alone). */
+async function openPage(b = gpu, url = server.url) {
+  const page = await b.page();
+  await page.goto(url);
+  await page.waitForFunction(() => window.instaflow);
+  await page.evaluate(() => window.instaflow.init());
+  return page;
+}
+
+/** In the page: load `source` with `options`, generate with the test noise, free; returns what
+ * happened (latents, stats, wasm memory) or the error. */
+function loadAndGenerate(page, source, options) {
+  return page.evaluate(
+    async ({ source, options, noise, prompt }) => {
+      try {
+        const model = await window.instaflow.InstaFlow.load(source, options);
+        const image = await model.generate({ prompt, noise: new Float32Array(noise), latents: true });
+        model.free();
+        return { latents: Array.from(image.latents), stats: model.loadStats, backend: image.backend, wasm: image.wasmMemoryBytes, size: [image.width, image.height] };
+      } catch (e) {
+        return { error: String(e.message ?? e), name: e.name };
+      }
+    },
+    { source, options, noise, prompt: PROMPT },
+  );
+}
+
+test("a model with a VAE streams over HTTP ranges in small pieces; latents equal the native CLI's", async () => {
+  const page = await openPage();
+  for (const backend of ["webgpu", "cpu"]) {
+    const r = await loadAndGenerate(page, "/mini/", { backend, cache: false, ...SMALL });
+    assert.equal(r.error, undefined, r.error);
+    assert.equal(r.backend, backend);
+    assert.deepEqual(r.size, [64, 64]);
+    const diff = maxDiff(r.latents, native);
+    assert.ok(diff <= 1e-3, `${backend}: latents differ from the CLI's by ${diff}`);
+    // Tensors larger than a piece were split: more pieces than tensors, many requests.
+    assert.ok(r.stats.pieces > 300 && r.stats.requests > 50, JSON.stringify(r.stats));
+    console.log(`${backend}: max |Δlatents| ${diff.toExponential(2)}, ${r.stats.pieces} pieces in ${r.stats.requests} requests, wasm memory ${(r.wasm / 2 ** 20).toFixed(0)} MiB`);
+  }
+  await page.close();
+});
+
+test("the second load reads nothing from the network; a changed file is fetched again; an abort leaves no half entry", async () => {
+  const page = await openPage();
+  await page.evaluate(() => window.instaflow.clearCache());
+  const served = async (run) => {
+    const before = (await stats()).bytes;
+    const r = await run();
+    return { r, bytes: (await stats()).bytes - before };
+  };
+  const first = await served(() => loadAndGenerate(page, "/mini/", SMALL));
+  assert.equal(first.r.error, undefined, first.r.error);
+  assert.ok(first.bytes >= first.r.stats.weightBytes, `first load served ${first.bytes} bytes`);
+  const second = await served(() => loadAndGenerate(page, "/mini/", SMALL));
+  assert.equal(second.r.error, undefined, second.r.error);
+  assert.equal(second.bytes, 0, "the second load fetched bytes");
+  assert.deepEqual(second.r.latents, first.r.latents);
+
+  // A new version of one file (new modification time → new ETag): only it is fetched again.
+  const unet = path.join(MINI, "unet/diffusion_pytorch_model.safetensors");
+  const later = new Date(Date.now() + 60_000);
+  fs.utimesSync(unet, later, later);
+  const third = await served(() => loadAndGenerate(page, "/mini/", SMALL));
+  assert.equal(third.r.error, undefined, third.r.error);
+  const unetBytes = fs.statSync(unet).size;
+  assert.ok(third.bytes > 0.9 * unetBytes && third.bytes <= unetBytes, `changed file: ${third.bytes} bytes served, unet is ${unetBytes}`);
+
+  // Cancelled half-way: an AbortError, and every cache entry holds all of its bytes.
+  await page.evaluate(() => window.instaflow.clearCache());
+  const aborted = await page.evaluate(async (SMALL) => {
+    const controller = new AbortController();
+    try {
+      await window.instaflow.InstaFlow.load("/mini/", {
+        ...SMALL,
+        signal: controller.signal,
+        onProgress: ({ loaded, total }) => loaded > total / 3 && controller.abort(),
+      });
+      return { error: null };
+    } catch (e) {
+      const cache = await caches.open("instaflow-models-v1");
+      const entries = [];
+      for (const request of await cache.keys()) {
+        const range = new URL(request.url).searchParams.get("instaflow-bytes");
+        const body = await (await cache.match(request)).arrayBuffer();
+        entries.push({ range, length: body.byteLength });
+      }
+      return { error: e.message, name: e.name, entries };
+    }
+  }, SMALL);
+  assert.equal(aborted.name, "AbortError", aborted.error);
+  const ranged = aborted.entries.filter((e) => e.range);
+  assert.ok(ranged.length > 0, "some pieces were cached before the abort");
+  for (const { range, length } of ranged) {
+    const [a, b] = range.split("-").map(Number);
+    assert.equal(length, b - a, `cache entry ${range} holds ${length} bytes`);
+  }
+  // After the abort, a load completes (partly from the cache) with the same result.
+  const after = await loadAndGenerate(page, "/mini/", SMALL);
+  assert.equal(after.error, undefined, after.error);
+  assert.deepEqual(after.latents, first.r.latents);
+  const estimate = await page.evaluate(() => window.instaflow.storageEstimate());
+  assert.ok(estimate.usage > 0, JSON.stringify(estimate));
+  console.log(`first load ${first.bytes} B served, second 0 B, after a changed unet ${third.bytes} B; cache usage ${estimate.usage} B`);
+  await page.close();
+});
+
+test("loads can be cancelled, and a model loaded and freed five times (WebGPU in-page and in a worker, CPU) gives the same image", async () => {
+  const page = await openPage();
+  const result = await page.evaluate(
+    async ({ noise, prompt, SMALL }) => {
+      const { InstaFlow, InstaFlowWorker } = window.instaflow;
+      const out = { cancelled: [], latents: [] };
+      for (const [Kind, backend] of [[InstaFlow, "webgpu"], [InstaFlowWorker, "webgpu"], [InstaFlow, "cpu"]]) {
+        const controller = new AbortController();
+        try {
+          await Kind.load("/mini/", { ...SMALL, backend, cache: false, signal: controller.signal, onProgress: () => controller.abort() });
+          out.cancelled.push("not cancelled");
+        } catch (e) {
+          out.cancelled.push(e.name);
+        }
+        for (let i = 0; i < 5; i++) {
+          const model = await Kind.load("/mini/", { ...SMALL, backend });
+          const image = await model.generate({ prompt, noise: new Float32Array(noise), latents: true });
+          out.latents.push(Array.from(image.latents));
+          model.free();
+        }
+      }
+      const other = await InstaFlow.load("/models/instaflow-emoji/").catch((e) => e.message);
+      out.otherModel = typeof other === "string" ? other : "ok";
+      return out;
+    },
+    { noise, prompt: PROMPT, SMALL },
+  );
+  assert.deepEqual(result.cancelled, ["AbortError", "AbortError", "AbortError"]);
+  assert.equal(result.latents.length, 15);
+  assert.equal(result.otherModel, "ok");
+  for (const l of result.latents) assert.ok(maxDiff(l, native) <= 1e-3);
+  await page.close();
+});
+
+test("hf: ids read the Hugging Face Hub layout; a server that ignores Range still works", async () => {
+  const page = await openPage();
+  const hub = await loadAndGenerate(page, "hf:org/mini", { ...SMALL, cache: false, hfEndpoint: server.url });
+  assert.equal(hub.error, undefined, hub.error);
+  assert.ok(maxDiff(hub.latents, native) <= 1e-3);
+  const urls = await page.evaluate(() => {
+    const r = window.instaflow.resolveModelUrl;
+    return [r("hf:XCLiu/instaflow_0_9B_from_sd_1_5"), r("hf:a/b@v2"), r("https://huggingface.co/a/b"), r("https://huggingface.co/a/b/tree/dev"), r("/x/y"), r("hf:a/b", { hfEndpoint: "http://127.0.0.1:9/" })];
+  });
+  assert.deepEqual(urls.slice(0, 4), [
+    "https://huggingface.co/XCLiu/instaflow_0_9B_from_sd_1_5/resolve/main/",
+    "https://huggingface.co/a/b/resolve/v2/",
+    "https://huggingface.co/a/b/resolve/main/",
+    "https://huggingface.co/a/b/resolve/dev/",
+  ]);
+  assert.ok(urls[4].endsWith("/x/y/"));
+  assert.equal(urls[5], "http://127.0.0.1:9/a/b/resolve/main/");
+  await page.close();
+
+  const noRange = await serve([`/=${PAGE}`, `/instaflow=${path.join(ROOT, "web")}`, `/mini=${MINI}`], ["--no-range"]);
+  try {
+    const p = await openPage(gpu, noRange.url);
+    const r = await loadAndGenerate(p, "/mini/", { ...SMALL, cache: false });
+    assert.equal(r.error, undefined, r.error);
+    assert.ok(maxDiff(r.latents, native) <= 1e-3);
+    const served = await (await fetch(`${noRange.url}__stats`)).json();
+    const files = ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"];
+    const total = files.reduce((n, f) => n + fs.statSync(path.join(MINI, f)).size, 0);
+    // Each weight file read from its start once for the weights (plus the header reads).
+    assert.ok(served.bytes < 3 * total, `without Range: ${served.bytes} bytes served for ${total} bytes of weights`);
+    await p.close();
+  } finally {
+    noRange.close();
+  }
+});
+
+test("without WebGPU an SD-1.5-size model is refused before any weight byte is fetched; a wrong folder fails naming the tensor", async () => {
+  const cpu = await browser({ webgpu: false });
+  try {
+    const page = await openPage(cpu);
+    const before = (await stats()).bytes;
+    const r = await loadAndGenerate(page, "/sd15/", { cache: false });
+    const served = (await stats()).bytes - before;
+    assert.match(r.error ?? "", /CPU \(wasm\) backend holds at most .* WebGPU/);
+    const weights = fs.statSync(path.join(SD15, "unet/diffusion_pytorch_model.safetensors")).size;
+    // Configs, tokenizer and headers only (the tokenizer's vocabulary is most of it).
+    assert.ok(served < 2e6, `${served} bytes served before refusing a model of ${weights} weight bytes`);
+    console.log(`refused SD-1.5 size on CPU after ${served} bytes: ${r.error}`);
+    await page.close();
+  } finally {
+    await cpu.close();
+  }
+  // A UNet config that does not fit the weights: named tensors, no weight fetched.
+  const wrong = path.join(work, "wrong");
+  fs.cpSync(MINI, wrong, { recursive: true });
+  const cfgPath = path.join(wrong, "unet/config.json");
+  const cfg = JSON.parse(fs.readFileSync(cfgPath, "utf8"));
+  cfg.block_out_channels = [32, 64, 64, 96];
+  fs.writeFileSync(cfgPath, JSON.stringify(cfg));
+  const s = await serve([`/=${PAGE}`, `/instaflow=${path.join(ROOT, "web")}`, `/wrong=${wrong}`]);
+  try {
+    const page = await openPage(gpu, s.url);
+    const before = (await (await fetch(`${s.url}__stats`)).json()).bytes;
+    const r = await loadAndGenerate(page, "/wrong/", { cache: false });
+    const served = (await (await fetch(`${s.url}__stats`)).json()).bytes - before;
+    assert.match(r.error ?? "", /unet\/diffusion_pytorch_model\.safetensors does not match the model[\s\S]*expected shape/);
+    assert.ok(served < 2e6, `${served} bytes served before the mismatch was found`);
+    await page.close();
+  } finally {
+    s.close();
+  }
+});
+
+test("the page warns before downloading InstaFlow-0.9B, then streams it from the Hub layout with progress", async () => {
+  const hub = await serve([
+    `/=${path.join(ROOT, "www")}`, `/instaflow=${path.join(ROOT, "web")}`, `/models=${path.join(ROOT, "models")}`,
+    `/XCLiu/instaflow_0_9B_from_sd_1_5/resolve/main=${MINI}`,
+  ]);
+  try {
+    const page = await gpu.page();
+    await page.goto(`${hub.url}?hub=${encodeURIComponent(hub.url)}`);
+    await page.waitForFunction(() => window.instaflowPage?.last || window.instaflowPage?.error, null, { timeout: 120_000 });
+    assert.equal(await page.evaluate(() => window.instaflowPage.error), null);
+    const before = (await (await fetch(`${hub.url}__stats`)).json()).bytes;
+    await page.selectOption("#model", "instaflow-0.9b");
+    await page.waitForSelector("#big-model:not([hidden])");
+    assert.match(await page.textContent("#big-model"), /about 4 GB/);
+    await new Promise((r) => setTimeout(r, 500));
+    const idle = (await (await fetch(`${hub.url}__stats`)).json()).bytes - before;
+    assert.equal(idle, 0, "nothing is downloaded before the user agrees");
+    await page.click("#big-model-go");
+    await page.waitForFunction(() => window.instaflowPage.last?.width === 64 || window.instaflowPage.error, null, { timeout: 120_000 });
+    const state = await page.evaluate(() => window.instaflowPage);
+    assert.equal(state.error, null, state.error);
+    assert.match(await page.textContent("#load-status"), /InstaFlow-0\.9B · WebGPU, f32/);
+    assert.match(await page.textContent("#storage"), /Stored by this page: [\d.]+ MB/);
+    await page.close();
+  } finally {
+    hub.close();
+  }
+});
