@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use burn::backend::wgpu::{WgpuDevice, graphics, init_setup_async};
+use burn::backend::wgpu::{WgpuDevice, WgpuRuntime, graphics, init_setup_async};
 use burn::backend::{Flex, WebGpu};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
@@ -346,10 +346,16 @@ impl Loader {
     /// and the copy in wasm memory is dropped.
     pub fn put(&mut self, index: u32, bytes: &[u8]) -> Result<(), JsError> {
         match &mut self.loading {
-            Loading::Gpu(l, _) => l.put(index as usize, bytes),
-            Loading::Cpu(l) => l.put(index as usize, bytes),
+            Loading::Gpu(l, device) => {
+                l.put(index as usize, bytes).map_err(js_error)?;
+                // burn's WebGPU runtime queues uploads, each holding its host copy, until 32 tasks
+                // have gathered; submitting now frees this piece's wasm memory before the next.
+                <WgpuRuntime as cubecl::Runtime>::client(device)
+                    .flush()
+                    .map_err(|e| JsError::new(&format!("device error while uploading: {e:?}")))
+            }
+            Loading::Cpu(l) => l.put(index as usize, bytes).map_err(js_error),
         }
-        .map_err(js_error)
     }
 
     /// The loaded model (every piece must have been given).
