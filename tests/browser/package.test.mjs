@@ -25,7 +25,7 @@ after(() => fs.rmSync(fresh, { recursive: true, force: true }));
 
 test("npm pack ships the module, the wasm, the worker and the types", () => {
   const files = packed.files.map((f) => f.path);
-  for (const f of ["index.js", "index.d.ts", "worker.js", "package.json", "README.md", "pkg/instaflow_wasm.js", "pkg/instaflow_wasm_bg.wasm"]) {
+  for (const f of ["index.js", "index.d.ts", "loader.js", "worker.js", "package.json", "README.md", "pkg/instaflow_wasm.js", "pkg/instaflow_wasm_bg.wasm"]) {
     assert.ok(files.includes(f), `${f} missing from the tarball (has ${files.join(", ")})`);
   }
   console.log(`tarball ${packed.filename}: ${(packed.size / 1e6).toFixed(1)} MB packed, ${(packed.unpackedSize / 1e6).toFixed(1)} MB unpacked`);

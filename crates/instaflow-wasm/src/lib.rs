@@ -229,8 +229,8 @@ async fn gpu_device() -> WgpuDevice {
 const MAX_CPU_WEIGHT_BYTES: u64 = 3 << 30;
 
 enum Loading {
-    Gpu(StreamingLoader<WebGpu>, WgpuDevice),
-    Cpu(StreamingLoader<Flex>),
+    Gpu(Box<StreamingLoader<WebGpu>>, WgpuDevice),
+    Cpu(Box<StreamingLoader<Flex>>),
 }
 
 /// A model being loaded piece by piece: made from the folder's small files and the headers of its
@@ -278,7 +278,7 @@ impl Loader {
             let device = gpu_device().await;
             let l = StreamingLoader::new(&source, &parsed, &device, piece_bytes, true)
                 .map_err(js_error)?;
-            Loading::Gpu(l, device)
+            Loading::Gpu(Box::new(l), device)
         } else {
             let l = StreamingLoader::new(&source, &parsed, &Default::default(), piece_bytes, true)
                 .map_err(js_error)?;
@@ -293,7 +293,7 @@ impl Loader {
                     need as f64 / 1e9 + 1.0
                 )));
             }
-            Loading::Cpu(l)
+            Loading::Cpu(Box::new(l))
         };
         let device = match &loading {
             Loading::Gpu(_, d) => Some(d.clone()),
@@ -362,8 +362,10 @@ impl Loader {
     pub fn finish(self) -> Result<InstaFlow, JsError> {
         let Loader { loading, _cleanup } = self;
         let engine = match loading {
-            Loading::Gpu(l, device) => Engine::Gpu(Box::new(l.finish().map_err(js_error)?), device),
-            Loading::Cpu(l) => Engine::Cpu(Box::new(l.finish().map_err(js_error)?)),
+            Loading::Gpu(l, device) => {
+                Engine::Gpu(Box::new((*l).finish().map_err(js_error)?), device)
+            }
+            Loading::Cpu(l) => Engine::Cpu(Box::new((*l).finish().map_err(js_error)?)),
         };
         Ok(InstaFlow { engine, _cleanup })
     }
