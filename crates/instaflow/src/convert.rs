@@ -88,7 +88,7 @@ fn walk(dir: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<(), ConvertErr
 }
 
 /// Values of a float tensor as f32.
-fn floats(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+pub(crate) fn floats(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(match dtype {
         Dtype::F32 => bytes
             .chunks_exact(4)

@@ -203,17 +203,18 @@ impl<B: Backend> InstaFlowPipeline<B> {
     /// Load every component of a diffusers folder (on disk or in memory).
     pub fn load(source: &ModelSource, device: &B::Device) -> Result<Self, LoadError> {
         let mut pipe = init_components(source, device)?;
+        let [(text, text_stems), (unet, unet_stems), (vae, vae_stems)] = weights::COMPONENTS;
         let files = |dir, stems| weights::weight_files(source, dir, stems);
+        let clip = weights::CLIP_REMAPS;
         weights::load(
             &mut pipe.text_encoder,
             source,
-            &files("text_encoder", &["model", "pytorch_model"])?,
-            weights::CLIP_REMAPS,
+            &files(text, text_stems)?,
+            clip,
         )?;
-        let stems = &["diffusion_pytorch_model", "model"];
-        weights::load(&mut pipe.unet, source, &files("unet", stems)?, &[])?;
-        if let Some(vae) = &mut pipe.vae {
-            weights::load(vae, source, &files("vae", stems)?, &[])?;
+        weights::load(&mut pipe.unet, source, &files(unet, unet_stems)?, &[])?;
+        if let Some(model) = &mut pipe.vae {
+            weights::load(model, source, &files(vae, vae_stems)?, &[])?;
         }
         Ok(pipe)
     }

@@ -121,6 +121,14 @@ fn ignorable(name: &str) -> bool {
     name.ends_with("position_ids")
 }
 
+/// The weight-bearing component folders of a diffusers pipeline and the file stems each may use,
+/// in the order they are tried (diffusers' name, then transformers').
+pub const COMPONENTS: [(&str, &[&str]); 3] = [
+    ("text_encoder", &["model", "pytorch_model"]),
+    ("unet", &["diffusion_pytorch_model", "model"]),
+    ("vae", &["diffusion_pytorch_model", "model"]),
+];
+
 /// One safetensors file of a component, by its path relative to the model source.
 #[derive(Debug, Clone)]
 pub struct WeightFile(pub String);

@@ -20,7 +20,9 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 
-use super::{CLIP_REMAPS, WeightFile, WeightsError, canonical, ignorable, list, weight_files};
+use super::{
+    CLIP_REMAPS, COMPONENTS, WeightFile, WeightsError, canonical, ignorable, list, weight_files,
+};
 use crate::pipeline::{InstaFlowPipeline, LoadError, init_components};
 use crate::source::ModelSource;
 
@@ -278,13 +280,6 @@ struct Slot {
     part: usize,
     rows: usize,
 }
-
-/// Component folders and the weight-file stems each may use (the order [`weight_files`] tries).
-const COMPONENTS: [(&str, &[&str]); 3] = [
-    ("text_encoder", &["model", "pytorch_model"]),
-    ("unet", &["diffusion_pytorch_model", "model"]),
-    ("vae", &["diffusion_pytorch_model", "model"]),
-];
 
 /// Loads an [`InstaFlowPipeline`] from headers first and weights piece by piece.
 pub struct StreamingLoader<B: Backend> {
@@ -546,20 +541,12 @@ impl<B: Backend> StreamingLoader<B> {
 
 /// Little-endian f32/f16/bf16 bytes → f32 values.
 fn to_f32(bytes: &[u8], dtype: DType) -> Vec<f32> {
-    match dtype {
-        DType::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        DType::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        _ => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-    }
+    let dtype = match dtype {
+        DType::F16 => safetensors::Dtype::F16,
+        DType::BF16 => safetensors::Dtype::BF16,
+        _ => safetensors::Dtype::F32,
+    };
+    crate::convert::floats(dtype, bytes).expect("a float dtype")
 }
 
 /// Read the header of `rel` from a folder on disk (native use and tests).
