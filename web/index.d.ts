@@ -43,6 +43,10 @@ export interface LoadOptions {
   onProgress?: (progress: LoadProgress) => void;
   /** `"auto"` (default): WebGPU when the browser gives an adapter, else the wasm CPU backend. */
   backend?: "auto" | "webgpu" | "cpu";
+  /** WebGPU float type. `"auto"` (default): f16 where the adapter has `shader-f16` (half the GPU
+   * memory), else f32. The first model loaded fixes it for the page (or worker). The CPU backend
+   * computes in f32. */
+  precision?: "auto" | "f16" | "f32";
   /** Where to fetch `instaflow_wasm_bg.wasm` from (default: next to the package's JS). */
   wasm?: string | URL;
   /** Cancels the load: fetching stops, what was uploaded is freed, the promise rejects with an
@@ -100,6 +104,8 @@ export interface GeneratedImage {
   rgba: Uint8ClampedArray<ArrayBuffer>;
   /** The backend that computed it. */
   backend: "webgpu" | "cpu";
+  /** The float type it was computed in. */
+  precision: "f16" | "f32";
   timings: Timings;
   /** The final latents `[1, C, h, w]`, when `latents: true` was asked. */
   latents?: Float32Array<ArrayBuffer>;
@@ -114,6 +120,8 @@ export declare class InstaFlow {
   static load(source: ModelSource, options?: LoadOptions): Promise<InstaFlow>;
   /** The backend in use. */
   readonly backend: "webgpu" | "cpu";
+  /** The float type of the computation. */
+  readonly precision: "f16" | "f32";
   /** `[1, C, h, w]`: the shape of `noise`. */
   readonly noiseShape: number[];
   /** What the load did. */
@@ -129,6 +137,7 @@ export declare class InstaFlowWorker {
   private constructor();
   static load(source: ModelSource, options?: WorkerLoadOptions): Promise<InstaFlowWorker>;
   readonly backend: "webgpu" | "cpu";
+  readonly precision: "f16" | "f32";
   readonly noiseShape: number[];
   readonly loadStats: LoadStats;
   generate(options: GenerateOptions): Promise<GeneratedImage>;

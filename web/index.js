@@ -61,13 +61,14 @@ export class InstaFlow {
    * Load a model: `source` is the URL of a diffusers folder, an `hf:ORG/NAME[@REV]` id (Hugging
    * Face Hub), or a map of file name → URL | ArrayBuffer | typed array | Blob (e.g. the files of a
    * folder picker, names relative to it). Weights stream piece by piece to the device; URL
-   * downloads are cached. `signal` (an `AbortSignal`) cancels the load.
+   * downloads are cached. `signal` (an `AbortSignal`) cancels the load. `precision` (WebGPU):
+   * `"auto"` computes in f16 where the adapter has `shader-f16` (half the GPU memory), else f32.
    */
-  static async load(source, { onProgress, backend = "auto", wasm, signal, cache = true, hfEndpoint, pieceBytes, requestBytes } = {}) {
+  static async load(source, { onProgress, backend = "auto", precision = "auto", wasm, signal, cache = true, hfEndpoint, pieceBytes, requestBytes } = {}) {
     const exports = await init(wasm);
     wasmMemory = exports.memory;
     try {
-      const { model, stats } = await loadModel(WasmLoader, source, { onProgress, backend, signal, cache, hfEndpoint, pieceBytes, requestBytes });
+      const { model, stats } = await loadModel(WasmLoader, source, { onProgress, backend, precision, signal, cache, hfEndpoint, pieceBytes, requestBytes });
       stats.wasmMemoryBytes = wasmMemoryBytes();
       return new InstaFlow(model, stats);
     } catch (e) {
@@ -78,6 +79,11 @@ export class InstaFlow {
   /** `"webgpu"` or `"cpu"`. */
   get backend() {
     return this.#model.backend;
+  }
+
+  /** `"f16"` or `"f32"`: the float type of the computation. */
+  get precision() {
+    return this.#model.precision;
   }
 
   /** `[1, C, h, w]`: the shape of `noise` for `generate`. */
@@ -110,6 +116,7 @@ export class InstaFlow {
         height: image.height,
         rgba: image.rgba,
         backend: image.backend,
+        precision: this.#model.precision,
         timings: { encodeMs: image.encodeMs, unetMs: image.unetMs, decodeMs: image.decodeMs, totalMs: image.totalMs },
         wasmMemoryBytes: wasmMemoryBytes(),
       };
@@ -136,6 +143,7 @@ export class InstaFlowWorker {
   #pending = new Map();
   #next = 0;
   backend;
+  precision;
   noiseShape;
 
   constructor(worker) {
@@ -164,7 +172,7 @@ export class InstaFlowWorker {
   }
 
   /** Start a worker and load `source` in it (see `InstaFlow.load`); `signal` stops the worker. */
-  static async load(source, { onProgress, backend = "auto", wasm, worker, signal, cache = true, hfEndpoint, pieceBytes, requestBytes } = {}) {
+  static async load(source, { onProgress, backend = "auto", precision = "auto", wasm, worker, signal, cache = true, hfEndpoint, pieceBytes, requestBytes } = {}) {
     if (signal?.aborted) throw Object.assign(new Error("loading was cancelled"), { name: "AbortError" });
     const w = worker ?? new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
     const proxy = new InstaFlowWorker(w);
@@ -178,8 +186,9 @@ export class InstaFlowWorker {
     const onAbort = () => proxy.#fail(Object.assign(new Error("loading was cancelled"), { name: "AbortError" }));
     signal?.addEventListener("abort", onAbort);
     try {
-      const info = await proxy.#call({ op: "load", source: src, backend, wasm: wasm && absolute(wasm), cache, hfEndpoint, pieceBytes, requestBytes }, onProgress);
+      const info = await proxy.#call({ op: "load", source: src, backend, precision, wasm: wasm && absolute(wasm), cache, hfEndpoint, pieceBytes, requestBytes }, onProgress);
       proxy.backend = info.backend;
+      proxy.precision = info.precision;
       proxy.noiseShape = info.noiseShape;
       proxy.loadStats = info.loadStats;
     } catch (e) {

@@ -359,7 +359,7 @@ class Progress {
  * Load a model into a fresh wasm `Loader`: `WasmLoader` is the wasm class, `source` a folder URL,
  * an `hf:` id or a map of files. Returns `{ model, stats }`.
  */
-export async function loadModel(WasmLoader, source, { onProgress, backend = "auto", signal, cache = true, hfEndpoint, pieceBytes = 0, requestBytes = REQUEST_BYTES } = {}) {
+export async function loadModel(WasmLoader, source, { onProgress, backend = "auto", precision = "auto", signal, cache = true, hfEndpoint, pieceBytes = 0, requestBytes = REQUEST_BYTES } = {}) {
   checkAbort(signal);
   const options = { signal, cache };
   const files =
@@ -416,7 +416,7 @@ export async function loadModel(WasmLoader, source, { onProgress, backend = "aut
   checkAbort(signal);
 
   // Checks every name and shape against the configs before any weight byte is fetched.
-  const loader = await WasmLoader.create(small, headers, sizes, backend, pieceBytes);
+  const loader = await WasmLoader.create(small, headers, sizes, backend, pieceBytes, precision);
   try {
     const pieces = loader.pieces;
     progress.total = pieces.reduce((n, [, start, end]) => n + (end - start), 0);

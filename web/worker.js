@@ -13,9 +13,9 @@ self.onmessage = async ({ data }) => {
       model?.free();
       model = null;
       const onProgress = (progress) => self.postMessage({ id, progress });
-      const { backend, wasm, cache, hfEndpoint, pieceBytes, requestBytes } = data;
-      model = await InstaFlow.load(data.source, { onProgress, backend, wasm, cache, hfEndpoint, pieceBytes, requestBytes });
-      self.postMessage({ id, result: { backend: model.backend, noiseShape: model.noiseShape, loadStats: model.loadStats } });
+      const { backend, precision, wasm, cache, hfEndpoint, pieceBytes, requestBytes } = data;
+      model = await InstaFlow.load(data.source, { onProgress, backend, precision, wasm, cache, hfEndpoint, pieceBytes, requestBytes });
+      self.postMessage({ id, result: { backend: model.backend, precision: model.precision, noiseShape: model.noiseShape, loadStats: model.loadStats } });
     } else if (op === "generate") {
       if (!model) throw new Error("no model loaded");
       const result = await model.generate(data.options);

@@ -165,10 +165,11 @@ async function load(source, label) {
     if (token !== loads) return loaded.free();
     model = loaded;
     page.backend = loaded.backend;
+    page.precision = loaded.precision;
     page.loadStats = loaded.loadStats;
     page.state = "ready";
-    // Weights are held as f32 on every backend.
-    $("load-status").textContent = `${label} · ${loaded.backend === "webgpu" ? "WebGPU, f32" : "CPU (wasm), f32"}`;
+    // f16 where the GPU has f16 shaders; f32 otherwise and on the CPU.
+    $("load-status").textContent = `${label} · ${loaded.backend === "webgpu" ? "WebGPU" : "CPU (wasm)"}, ${loaded.precision}`;
     request({ now: true });
   } catch (e) {
     if (token !== loads) return;

@@ -64,7 +64,7 @@ function loadAndGenerate(page, source, options) {
         const model = await window.instaflow.InstaFlow.load(source, options);
         const image = await model.generate({ prompt, noise: new Float32Array(noise), latents: true });
         model.free();
-        return { latents: Array.from(image.latents), stats: model.loadStats, backend: image.backend, wasm: image.wasmMemoryBytes, size: [image.width, image.height] };
+        return { latents: Array.from(image.latents), stats: model.loadStats, backend: image.backend, precision: image.precision, wasm: image.wasmMemoryBytes, size: [image.width, image.height] };
       } catch (e) {
         return { error: String(e.message ?? e), name: e.name };
       }
@@ -79,6 +79,8 @@ test("a model with a VAE streams over HTTP ranges in small pieces; latents equal
     const r = await loadAndGenerate(page, "/mini/", { backend, cache: false, ...SMALL });
     assert.equal(r.error, undefined, r.error);
     assert.equal(r.backend, backend);
+    // SwiftShader has no `shader-f16`: "auto" computes in f32 there.
+    assert.equal(r.precision, "f32");
     assert.deepEqual(r.size, [64, 64]);
     const diff = maxDiff(r.latents, native);
     assert.ok(diff <= 1e-3, `${backend}: latents differ from the CLI's by ${diff}`);
@@ -221,6 +223,21 @@ test("hf: ids read the Hugging Face Hub layout; a server that ignores Range stil
   } finally {
     noRange.close();
   }
+});
+
+test("precision: f16 is refused on an adapter without shader-f16, naming the feature; the page then loads in f32", async () => {
+  const page = await openPage();
+  const hasF16 = await page.evaluate(async () => (await navigator.gpu.requestAdapter()).features.has("shader-f16"));
+  assert.equal(hasF16, false, "this test expects SwiftShader, which has no shader-f16");
+  const refused = await loadAndGenerate(page, "/mini/", { backend: "webgpu", precision: "f16", cache: false });
+  assert.match(refused.error ?? "", /precision "f16": .*lacks the `shader-f16` feature/);
+  const bad = await loadAndGenerate(page, "/mini/", { backend: "webgpu", precision: "f8", cache: false });
+  assert.match(bad.error ?? "", /precision `f8`: expected "auto", "f16" or "f32"/);
+  const r = await loadAndGenerate(page, "/mini/", { backend: "webgpu", precision: "f32", cache: false });
+  assert.equal(r.error, undefined, r.error);
+  assert.equal(r.precision, "f32");
+  assert.ok(maxDiff(r.latents, native) <= 1e-3);
+  await page.close();
 });
 
 test("without WebGPU an SD-1.5-size model is refused before any weight byte is fetched; a wrong folder fails naming the tensor", async () => {

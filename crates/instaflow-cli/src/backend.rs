@@ -1,8 +1,10 @@
 //! Choosing a burn backend at run time (`--backend auto|cpu|ndarray|wgpu|cuda`).
 
 use anyhow::{Result, bail};
-use burn::backend::wgpu::WgpuDevice;
+use burn::backend::wgpu::{WgpuDevice, WgpuRuntime};
+use burn::tensor::{FloatDType, IntDType, set_default_dtypes};
 use clap::ValueEnum;
+use cubecl::Runtime;
 
 /// The backend named on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -85,18 +87,37 @@ macro_rules! with_backend {
     };
 }
 
-/// Information about the first wgpu adapter, if any: (name, kind, graphics API).
-pub fn wgpu_adapter() -> Option<(String, wgpu::DeviceType, wgpu::Backend)> {
+/// What `backends` and `auto` need to know of a wgpu adapter.
+#[derive(Debug, Clone)]
+pub struct AdapterInfo {
+    /// The adapter's name, e.g. "llvmpipe (LLVM 15.0.6, 256 bits)".
+    pub name: String,
+    /// Discrete, integrated, virtual or CPU.
+    pub kind: wgpu::DeviceType,
+    /// The graphics API underneath (Vulkan, Metal, DX12, GL).
+    pub api: wgpu::Backend,
+    /// Whether shaders can compute in f16 (`--precision f16`).
+    pub shader_f16: bool,
+}
+
+/// The first wgpu adapter, if any, preferring a real GPU over a software rasteriser.
+pub fn wgpu_adapter() -> Option<AdapterInfo> {
     let instance =
         wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     let adapters =
         futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
-    // Prefer a real GPU over a software rasteriser when several exist.
     adapters
         .iter()
-        .map(|a| a.get_info())
-        .min_by_key(|i| i.device_type == wgpu::DeviceType::Cpu)
-        .map(|i| (i.name, i.device_type, i.backend))
+        .map(|a| {
+            let i = a.get_info();
+            AdapterInfo {
+                name: i.name,
+                kind: i.device_type,
+                api: i.backend,
+                shader_f16: a.features().contains(wgpu::Features::SHADER_F16),
+            }
+        })
+        .min_by_key(|i| i.kind == wgpu::DeviceType::Cpu)
 }
 
 /// Whether the CUDA driver loads and device 0 runs a kernel.
@@ -156,9 +177,10 @@ pub fn resolve(choice: BackendChoice) -> Result<Selected> {
                 return Ok(Selected::Cuda(Default::default()));
             }
             match wgpu_adapter() {
-                Some((name, kind, api)) if kind != wgpu::DeviceType::Cpu => {
+                Some(a) if a.kind != wgpu::DeviceType::Cpu => {
                     eprintln!(
-                        "backend: wgpu on {name} ({api:?}) (auto: no CUDA, a GPU adapter is present)"
+                        "backend: wgpu on {} ({:?}) (auto: no CUDA, a GPU adapter is present)",
+                        a.name, a.api
                     );
                     Ok(Selected::Wgpu(WgpuDevice::DefaultDevice))
                 }
@@ -171,4 +193,52 @@ pub fn resolve(choice: BackendChoice) -> Result<Selected> {
             }
         }
     }
+}
+
+/// The float type tensors are computed in (`--precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Precision {
+    /// 32-bit floats everywhere (every backend; the reference numerics).
+    F32,
+    /// 16-bit floats on the GPU (wgpu on adapters with `shader-f16`, or CUDA): half the memory.
+    F16,
+}
+
+/// Make `precision` the default float type of the selected device. Must run before any tensor is
+/// created on it: burn fixes a device's default types at its first tensor.
+pub fn set_precision(selected: &Selected, precision: Precision) -> Result<()> {
+    if precision == Precision::F32 {
+        return Ok(());
+    }
+    let result = match selected {
+        Selected::Wgpu(d) => {
+            set_default_dtypes::<burn::backend::Wgpu>(d, FloatDType::F16, IntDType::I32)
+        }
+        #[cfg(feature = "cuda")]
+        Selected::Cuda(d) => {
+            set_default_dtypes::<burn::backend::Cuda>(d, FloatDType::F16, IntDType::I32)
+        }
+        _ => {
+            bail!("--precision f16 needs --backend wgpu or cuda (the CPU backends compute in f32)")
+        }
+    };
+    result.map_err(|e| {
+        anyhow::anyhow!(
+            "--precision f16: the {} device cannot compute in f16 (a wgpu adapter needs the \
+             `shader-f16` feature): {e:?}",
+            selected.name()
+        )
+    })
+}
+
+/// Bytes the device's memory pools hold now: (reserved from the driver, in use by tensors).
+/// `None` on the CPU backends, which allocate from the process heap.
+pub fn device_memory(selected: &Selected) -> Option<(u64, u64)> {
+    let usage = match selected {
+        Selected::Wgpu(d) => WgpuRuntime::client(d).memory_usage().ok()?,
+        #[cfg(feature = "cuda")]
+        Selected::Cuda(d) => cubecl::cuda::CudaRuntime::client(d).memory_usage().ok()?,
+        _ => return None,
+    };
+    Some((usage.bytes_reserved, usage.bytes_in_use))
 }

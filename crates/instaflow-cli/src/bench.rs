@@ -82,7 +82,13 @@ pub fn list() -> Result<()> {
     println!("cpu      yes (flex: SIMD + threads)");
     println!("ndarray  yes");
     match wgpu_adapter() {
-        Some((name, kind, api)) => println!("wgpu     yes: {name} ({kind:?}, {api:?})"),
+        Some(a) => println!(
+            "wgpu     yes: {} ({:?}, {:?}; f16 shaders: {})",
+            a.name,
+            a.kind,
+            a.api,
+            if a.shader_f16 { "yes" } else { "no" }
+        ),
         None => println!("wgpu     no adapter found"),
     }
     let cuda = if !cfg!(feature = "cuda") {

@@ -14,7 +14,7 @@ use instaflow::solvers::euler;
 use instaflow::velocity::Guided;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::backend::{BackendChoice, resolve};
+use crate::backend::{BackendChoice, Precision, Selected, device_memory, resolve, set_precision};
 use crate::{embedded, with_backend};
 use instaflow::data::write_atomic;
 
@@ -65,6 +65,10 @@ pub struct GenerateArgs {
     /// Also write the final latents (before decoding) as an f32 tensor named `latents`.
     #[arg(long)]
     save_latents: Option<PathBuf>,
+    /// Float type of the computation: f32, or f16 on a GPU (`--backend wgpu` on an adapter with
+    /// `shader-f16`, or `cuda`) for half the device memory. Weights are converted when loaded.
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
@@ -157,7 +161,8 @@ pub fn run(choice: BackendChoice, args: GenerateArgs) -> Result<()> {
         "--scale must be between 1 and 64"
     );
     let selected = resolve(choice)?;
-    with_backend!(&selected, B, device => generate::<B>(&args, model.as_deref(), &device, selected.name()))
+    set_precision(&selected, args.precision)?;
+    with_backend!(&selected, B, device => generate::<B>(&args, model.as_deref(), &device, &selected))
 }
 
 /// The folder `--model` names: a folder on disk, or a Hugging Face Hub id (`hf:ORG/NAME[@REV]`,
@@ -186,12 +191,31 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
+/// The largest device memory pool seen at the end of each stage (reserved, in use), in bytes.
+#[derive(Default)]
+struct PeakMemory(Option<(u64, u64)>);
+
+impl PeakMemory {
+    fn sample(&mut self, selected: &Selected) {
+        if let Some((reserved, used)) = device_memory(selected) {
+            let (r, u) = self.0.unwrap_or_default();
+            self.0 = Some((r.max(reserved), u.max(used)));
+        }
+    }
+}
+
+fn gb(bytes: u64) -> f64 {
+    bytes as f64 / 1e9
+}
+
 fn generate<B: Backend>(
     args: &GenerateArgs,
     model: Option<&Path>,
     device: &B::Device,
-    backend: &str,
+    selected: &Selected,
 ) -> Result<()> {
+    let backend = selected.name();
+    let mut memory = PeakMemory::default();
     let total = Instant::now();
     let t = Instant::now();
     let (source, model_name) = match model {
@@ -203,7 +227,10 @@ fn generate<B: Backend>(
     };
     let pipe = InstaFlowPipeline::<B>::load(&source, device)
         .with_context(|| format!("loading {model_name}"))?;
+    B::sync(device).map_err(|e| anyhow::anyhow!("loading {model_name}: {e:?}"))?;
     let load_ms = ms(t);
+    memory.sample(selected);
+    let weights_bytes = memory.0.map(|(_, used)| used);
     eprintln!("loaded {model_name} in {:.1} s", load_ms / 1e3);
     let scale = args
         .scale
@@ -254,6 +281,7 @@ fn generate<B: Backend>(
     let negatives = vec![args.negative_prompt.as_str(); b];
     let (text, negative) = pipe.encode_for_guidance(&prompts, &negatives, args.guidance, device)?;
     let text_ms = ms(t);
+    memory.sample(selected);
     eprintln!("text encoded in {text_ms:.0} ms");
 
     let z0 = Tensor::<B, 4>::from_data(TensorData::new(noise, noise_shape.clone()), device);
@@ -271,6 +299,7 @@ fn generate<B: Backend>(
         // Reading one value waits for the step to finish, so the timing is honest on GPUs.
         let _ = z.clone().slice([0..1, 0..1, 0..1, 0..1]).into_data();
         step_ms.push(ms(t));
+        memory.sample(selected);
         eprintln!(
             "UNet step {}/{} ({} evaluation(s)) in {:.0} ms",
             i + 1,
@@ -282,7 +311,17 @@ fn generate<B: Backend>(
     let t = Instant::now();
     let images = to_rgb8(pipe.decode(z.clone()));
     let decode_ms = ms(t);
+    memory.sample(selected);
     eprintln!("decoded in {decode_ms:.0} ms");
+    if let (Some((reserved, used)), Some(weights)) = (memory.0, weights_bytes) {
+        eprintln!(
+            "device memory ({:?}): weights {:.2} GB, peak in use {:.2} GB, pool reserved {:.2} GB",
+            args.precision,
+            gb(weights),
+            gb(used),
+            gb(reserved)
+        );
+    }
 
     let (hh, ww) = (h * pipe.vae_scale, w * pipe.vae_scale);
     let mut outputs = Vec::new();
@@ -333,10 +372,13 @@ fn generate<B: Backend>(
     if args.json {
         let summary = serde_json::json!({
             "prompt": args.prompt, "negative_prompt": args.negative_prompt, "model": model_name,
-            "backend": backend, "steps": opts.steps, "guidance": opts.guidance,
+            "backend": backend, "precision": format!("{:?}", args.precision).to_lowercase(), "steps": opts.steps, "guidance": opts.guidance,
             "seed": if args.noise.is_some() { None } else { Some(args.seed) },
             "width": ww * scale as usize, "height": hh * scale as usize, "batch": b, "outputs": outputs, "latents": latents_out,
             "timings_ms": { "load": load_ms, "text_encode": text_ms, "unet_steps": step_ms, "decode": decode_ms, "total": total_ms },
+            "device_memory_bytes": memory.0.map(|(reserved, used)| serde_json::json!({
+                "weights": weights_bytes, "peak_in_use": used, "peak_reserved": reserved,
+            })),
         });
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {

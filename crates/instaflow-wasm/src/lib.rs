@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use burn::backend::wgpu::{WgpuDevice, WgpuRuntime, graphics, init_setup_async};
 use burn::backend::{Flex, WebGpu};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, IntDType, Tensor, TensorData, set_default_dtypes};
 use instaflow::pipeline::{GenerateOptions, InstaFlowPipeline, to_rgba8_async};
 use instaflow::source::ModelSource;
 use instaflow::weights::stream::{self, StreamingLoader};
@@ -213,15 +213,66 @@ thread_local! {
     /// burn's WebGPU runtime is set up once per page or worker: a second setup of the same device
     /// panics, so loading a second model reuses the first setup.
     static GPU_READY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Whether the WebGPU device computes in f16: burn fixes a device's float type at its first
+    /// tensor, so the first model's precision holds for the page (or worker).
+    static GPU_F16: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
 }
 
-async fn gpu_device() -> WgpuDevice {
+fn precision_name(f16: bool) -> &'static str {
+    if f16 { "f16" } else { "f32" }
+}
+
+/// The WebGPU device, set up on first use to compute in f16 when `precision` asks for it (or is
+/// `"auto"` and the adapter has `shader-f16`), else in f32.
+async fn gpu_device(precision: &str) -> Result<WgpuDevice, JsError> {
     let device = WgpuDevice::default();
     if !GPU_READY.get() {
         init_setup_async::<graphics::WebGpu>(&device, Default::default()).await;
         GPU_READY.set(true);
     }
-    device
+    let supported = <WebGpu as Backend>::supports_dtype(&device, DType::F16);
+    let want_f16 = match precision {
+        "auto" => supported,
+        "f16" if supported => true,
+        "f16" => {
+            return Err(JsError::new(
+                "precision \"f16\": this GPU's WebGPU adapter lacks the `shader-f16` feature; \
+                 use \"auto\" or \"f32\"",
+            ));
+        }
+        "f32" => false,
+        other => {
+            return Err(JsError::new(&format!(
+                "precision `{other}`: expected \"auto\", \"f16\" or \"f32\""
+            )));
+        }
+    };
+    match GPU_F16.get() {
+        None => {
+            if want_f16 {
+                set_default_dtypes::<WebGpu>(&device, FloatDType::F16, IntDType::I32)
+                    .map_err(|e| JsError::new(&format!("setting up f16 on WebGPU: {e:?}")))?;
+            }
+            GPU_F16.set(Some(want_f16));
+        }
+        Some(fixed) if fixed == want_f16 || precision == "auto" => {}
+        Some(fixed) => {
+            return Err(JsError::new(&format!(
+                "precision \"{precision}\": this page already computes in {} on WebGPU (the \
+                 float type is fixed by the first model loaded); reload the page to switch",
+                precision_name(fixed)
+            )));
+        }
+    }
+    Ok(device)
+}
+
+/// `"f16"` or `"f32"`: what tensors on `device` are computed in.
+fn gpu_precision(device: &WgpuDevice) -> String {
+    let float: DType = burn::tensor::get_device_settings::<WebGpu>(device)
+        .float_dtype
+        .into();
+    precision_name(float == DType::F16).into()
 }
 
 /// Most weight bytes (as f32) the CPU backend takes: its tensors live in wasm memory (4 GiB at
@@ -247,14 +298,17 @@ impl Loader {
     /// `files`: relative path → `Uint8Array` for configs, tokenizer files and shard indexes, and an
     /// empty `Uint8Array` for each weight file; `headers`: weight file → its JSON header bytes;
     /// `sizes`: weight file → its length in bytes; `backend`: `"auto"`, `"webgpu"` or `"cpu"`;
-    /// `pieceBytes`: the largest piece to plan.
+    /// `pieceBytes`: the largest piece to plan; `precision` (WebGPU): `"auto"` (f16 where the
+    /// adapter has `shader-f16`), `"f16"` or `"f32"`.
     pub async fn create(
         files: JsValue,
         headers: JsValue,
         sizes: JsValue,
         backend: String,
         #[wasm_bindgen(js_name = pieceBytes)] piece_bytes: f64,
+        precision: Option<String>,
     ) -> Result<Loader, JsError> {
+        let precision = precision.unwrap_or_else(|| "auto".into());
         let source = ModelSource::Memory {
             name: "model folder".into(),
             files: files_from_js(&files)?,
@@ -275,7 +329,7 @@ impl Loader {
             stream::DEFAULT_PIECE_BYTES
         };
         let loading = if choose_gpu(&backend).await? {
-            let device = gpu_device().await;
+            let device = gpu_device(&precision).await?;
             let l = StreamingLoader::new(&source, &parsed, &device, piece_bytes, true)
                 .map_err(js_error)?;
             Loading::Gpu(Box::new(l), device)
@@ -287,10 +341,11 @@ impl Loader {
                 return Err(JsError::new(&format!(
                     "this model's weights need {:.1} GB as f32; the CPU (wasm) backend holds at most \
                      {:.1} GB (wasm memory is limited to 4 GB). Use a browser with WebGPU and about \
-                     {:.1} GB of GPU memory",
+                     {:.1} GB of GPU memory ({:.1} GB where the GPU computes in f16)",
                     need as f64 / 1e9,
                     MAX_CPU_WEIGHT_BYTES as f64 / 1e9,
-                    need as f64 / 1e9 + 1.0
+                    need as f64 / 1e9 + 1.0,
+                    need as f64 / 2e9 + 0.5
                 )));
             }
             Loading::Cpu(Box::new(l))
@@ -324,7 +379,7 @@ impl Loader {
             .collect()
     }
 
-    /// Bytes the weights occupy on the device (f32).
+    /// Bytes the weights occupy on the device (f32, or f16 where the GPU computes in f16).
     #[wasm_bindgen(getter, js_name = deviceBytes)]
     pub fn device_bytes(&self) -> f64 {
         match &self.loading {
@@ -339,6 +394,15 @@ impl Loader {
         match self.loading {
             Loading::Gpu(..) => "webgpu".into(),
             Loading::Cpu(_) => "cpu".into(),
+        }
+    }
+
+    /// The float type weights and activations will have: `f16` or `f32`.
+    #[wasm_bindgen(getter)]
+    pub fn precision(&self) -> String {
+        match &self.loading {
+            Loading::Gpu(_, device) => gpu_precision(device),
+            Loading::Cpu(_) => "f32".into(),
         }
     }
 
@@ -379,6 +443,15 @@ impl InstaFlow {
         match self.engine {
             Engine::Gpu(..) => "webgpu".into(),
             Engine::Cpu(_) => "cpu".into(),
+        }
+    }
+
+    /// The float type of the computation: `f16` (WebGPU with `shader-f16`) or `f32`.
+    #[wasm_bindgen(getter)]
+    pub fn precision(&self) -> String {
+        match &self.engine {
+            Engine::Gpu(_, device) => gpu_precision(device),
+            Engine::Cpu(_) => "f32".into(),
         }
     }
 

@@ -47,19 +47,21 @@ pub enum WeightsError {
     },
 }
 
-/// Converts half-precision tensors to f32 as they are read (the models compute in f32).
-#[derive(Debug, Clone, Default)]
-struct ToF32;
+/// Converts float tensors to the float type the device computes in (f32 unless the device's
+/// default was set to f16) as they are read.
+#[derive(Debug, Clone)]
+struct ToFloat(DType);
 
-impl ModuleAdapter for ToF32 {
+impl ModuleAdapter for ToFloat {
     fn adapt(&self, snapshot: &TensorSnapshot) -> TensorSnapshot {
-        if !matches!(snapshot.dtype, DType::F16 | DType::BF16) {
+        let target = self.0;
+        if !snapshot.dtype.is_float() || snapshot.dtype == target {
             return snapshot.clone();
         }
         let data = snapshot.clone_data_fn();
         TensorSnapshot::from_closure(
-            Rc::new(move || Ok(data()?.convert_dtype(DType::F32))),
-            DType::F32,
+            Rc::new(move || Ok(data()?.convert_dtype(target))),
+            target,
             snapshot.shape.clone(),
             snapshot.path_stack.clone().unwrap_or_default(),
             snapshot.container_stack.clone().unwrap_or_default(),
@@ -206,6 +208,12 @@ pub fn load<B: Backend, M: ModuleSnapshot<B>>(
     let mut missing = None::<BTreeSet<String>>;
     let mut unexpected = Vec::new();
     let mut bad = Vec::new();
+    let float = match module.devices().first() {
+        Some(device) => burn::tensor::get_device_settings::<B>(device)
+            .float_dtype
+            .into(),
+        None => DType::F32,
+    };
     for WeightFile(rel) in files {
         let unreadable = |message: String| WeightsError::Unreadable {
             path: source.display(rel),
@@ -220,7 +228,7 @@ pub fn load<B: Backend, M: ModuleSnapshot<B>>(
             )),
         };
         let mut store = store
-            .with_from_adapter(ChainAdapter::new(PyTorchToBurnAdapter, ToF32))
+            .with_from_adapter(ChainAdapter::new(PyTorchToBurnAdapter, ToFloat(float)))
             .skip_enum_variants(true)
             .allow_partial(true)
             .validate(false);

@@ -438,9 +438,13 @@ impl<B: Backend> StreamingLoader<B> {
         &self.pieces
     }
 
-    /// Bytes the weights take on the device (as f32).
+    /// Bytes the weights take on the device, in the float type it computes in (f32, or f16 where
+    /// the device's default float type was set to f16).
     pub fn device_bytes(&self) -> u64 {
-        self.param_bytes
+        let float: DType = burn::tensor::get_device_settings::<B>(&self.device)
+            .float_dtype
+            .into();
+        self.param_bytes / 4 * float.size() as u64
     }
 
     /// Convert piece `index`'s bytes to f32 and upload them; a tensor whose pieces have all
