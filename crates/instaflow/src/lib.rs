@@ -11,6 +11,7 @@
 //! * [`losses`] — rectified-flow / reflow and distillation objectives.
 //! * [`metrics`] — straightness, transport cost, sliced Wasserstein.
 //! * [`models`] — SD-1.5 networks: CLIP text encoder, UNet, VAE.
+//! * [`kernels`] — fused GroupNorm(+SiLU) and softmax for the CPU backend.
 //! * [`pipeline`] — the InstaFlow sampling loop over a diffusers folder.
 //! * [`noise`] — seeded, backend-independent Gaussian noise.
 //! * [`bench`] — kernel timings for comparing backends.
@@ -29,6 +30,7 @@ pub mod convert;
 pub mod data;
 pub mod ddim;
 pub mod flow;
+pub mod kernels;
 pub mod losses;
 pub mod metrics;
 pub mod models;

@@ -3,10 +3,11 @@
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::activation::gelu;
 use burn::tensor::{Tensor, backend::Backend};
 
 use super::resnet::{conv2d, group_norm};
+use crate::kernels;
 
 /// Most attention-score elements computed at once. SD-1.5's self-attention at a 64×64 latent would
 /// need 8 heads × 4096² scores (537 MB in f32); queries are processed in chunks below this budget,
@@ -24,7 +25,8 @@ pub fn scaled_dot_product<B: Backend>(
 ) -> Tensor<B, 4> {
     let [b, h, sq, d] = q.dims();
     let sk = k.dims()[2];
-    let scale = 1.0 / (d as f64).sqrt();
+    // Scaling Q (Sq×D) instead of the scores (Sq×Sk) saves a pass over the largest tensor here.
+    let q = q * (1.0 / (d as f64).sqrt());
     let kt = k.swap_dims(2, 3);
     let chunk = (MAX_SCORE_ELEMENTS / (b * h * sk).max(1)).clamp(1, sq);
     let mut outputs = Vec::with_capacity(sq.div_ceil(chunk));
@@ -32,12 +34,12 @@ pub fn scaled_dot_product<B: Backend>(
     while start < sq {
         let end = (start + chunk).min(sq);
         let qc = q.clone().slice([0..b, 0..h, start..end, 0..d]);
-        let mut scores = qc.matmul(kt.clone()) * scale;
+        let mut scores = qc.matmul(kt.clone());
         if let Some(m) = &mask {
             let mc = m.clone().slice([start..end, 0..sk]);
             scores = scores + mc.reshape([1, 1, end - start, sk]);
         }
-        outputs.push(softmax(scores, 3).matmul(v.clone()));
+        outputs.push(kernels::softmax_last(scores).matmul(v.clone()));
         start = end;
     }
     if outputs.len() == 1 {
@@ -245,7 +247,7 @@ impl<B: Backend> Transformer2DModel<B> {
     pub fn forward(&self, x: Tensor<B, 4>, context: &Tensor<B, 3>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
         let residual = x.clone();
-        let x = self.norm.forward(x);
+        let x = kernels::group_norm(&self.norm, x, false);
         let to_tokens = |x: Tensor<B, 4>| {
             let ch = x.dims()[1];
             x.reshape([b, ch, h * w]).swap_dims(1, 2)
@@ -275,6 +277,7 @@ mod tests {
     use super::*;
     use crate::test_util::{TB, device, to_vec};
     use burn::tensor::Distribution;
+    use burn::tensor::activation::softmax;
 
     #[test]
     fn chunked_attention_equals_one_shot() {

@@ -1,6 +1,7 @@
 //! `ResnetBlock2D`, `Downsample2D`, `Upsample2D` (diffusers `resnet.py`, `downsampling.py`,
 //! `upsampling.py`).
 
+use crate::kernels;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d};
@@ -70,13 +71,17 @@ impl<B: Backend> ResnetBlock2D<B> {
 
     /// `x`: `[B, C, H, W]`; `temb`: `[B, T]` (already the UNet's time embedding).
     pub fn forward(&self, x: Tensor<B, 4>, temb: Option<&Tensor<B, 2>>) -> Tensor<B, 4> {
-        let mut h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let mut h = self
+            .conv1
+            .forward(kernels::group_norm(&self.norm1, x.clone(), true));
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(silu(temb.clone()));
             let [b, c] = t.dims();
             h = h + t.reshape([b, c, 1, 1]);
         }
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = self
+            .conv2
+            .forward(kernels::group_norm(&self.norm2, h, true));
         let x = match &self.conv_shortcut {
             Some(c) => c.forward(x),
             None => x,

@@ -3,7 +3,6 @@
 use burn::module::Module;
 use burn::nn::GroupNorm;
 use burn::nn::conv::Conv2d;
-use burn::tensor::activation::silu;
 use burn::tensor::{Tensor, backend::Backend};
 use serde::Deserialize;
 
@@ -12,6 +11,7 @@ use super::config::{ConfigError, OneOrMany, require};
 use super::embeddings::{TimestepEmbedding, timestep_embedding};
 use super::resnet::{ResnetSettings, conv2d, group_norm};
 use super::unet_2d_blocks::{BlockSettings, DownBlock2D, MidBlock2DCrossAttn, UpBlock2D};
+use crate::kernels;
 
 /// The fields of a diffusers `unet/config.json` this implementation reads (others are ignored).
 #[derive(Debug, Clone, Deserialize)]
@@ -447,6 +447,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
         for block in &self.up_blocks {
             x = block.forward(x, Some(&temb), Some(context), &mut skips);
         }
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        self.conv_out
+            .forward(kernels::group_norm(&self.conv_norm_out, x, true))
     }
 }

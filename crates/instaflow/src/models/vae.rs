@@ -3,7 +3,6 @@
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, Linear, LinearConfig};
-use burn::tensor::activation::silu;
 use burn::tensor::{Tensor, backend::Backend};
 use serde::Deserialize;
 
@@ -11,6 +10,7 @@ use super::attention::{merge_heads, scaled_dot_product, split_heads};
 use super::config::{ConfigError, require};
 use super::resnet::{ResnetBlock2D, ResnetSettings, conv2d, group_norm};
 use super::unet_2d_blocks::CoderBlock2D;
+use crate::kernels;
 
 /// The fields of a diffusers `vae/config.json` this implementation reads.
 #[derive(Debug, Clone, Deserialize)]
@@ -217,9 +217,7 @@ impl<B: Backend> SpatialAttention<B> {
 
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, c, h, w] = x.dims();
-        let tokens = self
-            .group_norm
-            .forward(x.clone())
+        let tokens = kernels::group_norm(&self.group_norm, x.clone(), false)
             .reshape([b, c, h * w])
             .swap_dims(1, 2);
         let q = split_heads(self.to_q.forward(tokens.clone()), 1);
@@ -304,7 +302,9 @@ impl<B: Backend> AutoencoderKL<B> {
             x = block.forward(x);
         }
         x = e.mid_block.forward(x);
-        let mut moments = e.conv_out.forward(silu(e.conv_norm_out.forward(x)));
+        let mut moments = e
+            .conv_out
+            .forward(kernels::group_norm(&e.conv_norm_out, x, true));
         if let Some(q) = &self.quant_conv {
             moments = q.forward(moments);
         }
@@ -326,6 +326,7 @@ impl<B: Backend> AutoencoderKL<B> {
         for block in &d.up_blocks {
             x = block.forward(x);
         }
-        d.conv_out.forward(silu(d.conv_norm_out.forward(x)))
+        d.conv_out
+            .forward(kernels::group_norm(&d.conv_norm_out, x, true))
     }
 }
