@@ -1,7 +1,10 @@
-//! Fused CPU kernels for the SD-1.5 hot spots on burn's `Flex` backend: GroupNorm(+SiLU) and the
-//! attention softmax. burn composes these from many tensor ops (GroupNorm is about ten, each a
-//! full pass and an allocation; flex runs element-wise ops on one thread); here each is one pass
-//! over the data, split across threads.
+//! CPU kernels for the SD-1.5 hot spots on burn's `Flex` backend: 2-D convolution, GroupNorm
+//! (+SiLU) and attention. burn composes GroupNorm from about ten tensor ops, each a full
+//! pass and an allocation, and flex runs element-wise ops on one thread; here each is one pass
+//! split across threads. flex's convolution re-flattens the weights, transposes the input to NHWC
+//! on one thread and packs the weights again for every 512-pixel tile; here the weights are used
+//! in their stored `[O, C·kh·kw]` layout, im2col is built in parallel in `[C·kh·kw, pixels]`
+//! order, and one multithreaded gemm writes straight into the NCHW output.
 //!
 //! Rust has no specialisation, so the fast path is chosen at run time: when the backend *is*
 //! `Flex` and the tensor is f32, its primitive is taken out, processed in place, and put back;
@@ -12,8 +15,9 @@ use std::any::{Any, TypeId};
 
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
-use burn::nn::GroupNorm;
-use burn::tensor::activation::{silu, softmax};
+use burn::nn::conv::Conv2d;
+use burn::nn::{GroupNorm, PaddingConfig2d};
+use burn::tensor::activation::silu;
 use burn::tensor::{DType, Tensor, TensorPrimitive, backend::Backend};
 
 /// `x`'s storage as a unique, contiguous flex f32 tensor, or `x` back when the backend is not
@@ -61,6 +65,307 @@ fn for_each_chunk(data: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) 
     data.chunks_mut(chunk)
         .enumerate()
         .for_each(|(i, c)| f(i, c));
+}
+
+/// Most im2col bytes built at once; larger images are processed in bands of output rows.
+const IM2COL_BYTES: usize = 64 << 20;
+
+/// `torch.nn.Conv2d` (groups 1, dilation 1, explicit padding: every conv of SD-1.5).
+pub fn conv2d<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let explicit = match conv.padding {
+        PaddingConfig2d::Explicit(top, left, bottom, right) => Some([top, left, bottom, right]),
+        PaddingConfig2d::Valid => Some([0; 4]),
+        PaddingConfig2d::Same => None,
+    };
+    let plain = conv.groups == 1 && conv.dilation == [1, 1];
+    let (Some(padding), true) = (explicit, plain) else {
+        return conv.forward(x);
+    };
+    let x = match take_flex(x) {
+        Ok(x) => x,
+        Err(x) => return conv.forward(x),
+    };
+    let Ok(weight) = take_flex(conv.weight.val()) else {
+        unreachable!("the input is a flex f32 tensor, so are the weights")
+    };
+    let bias = conv.bias.as_ref().map(|b| host_values(&b.val()));
+    give_flex(conv2d_f32(
+        &x,
+        &weight,
+        bias.as_deref(),
+        conv.stride,
+        padding,
+    ))
+}
+
+/// The convolution on contiguous f32 tensors: `x` `[N, C, H, W]`, `weight` `[O, C, kh, kw]`,
+/// `padding` (top, left, bottom, right).
+fn conv2d_f32(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    bias: Option<&[f32]>,
+    [sh, sw]: [usize; 2],
+    [top, left, bottom, right]: [usize; 4],
+) -> FlexTensor {
+    let &[n, c, h, w] = x.layout().shape().as_slice() else {
+        unreachable!("rank 4")
+    };
+    let &[o, _, kh, kw] = weight.layout().shape().as_slice() else {
+        unreachable!("rank 4")
+    };
+    let oh = (h + top + bottom - kh) / sh + 1;
+    let ow = (w + left + right - kw) / sw + 1;
+    let k = c * kh * kw;
+    let (x, weight) = (x.storage::<f32>(), weight.storage::<f32>());
+    let mut out = vec![0.0f32; n * o * oh * ow];
+    // A 1×1 stride-1 unpadded conv is a plain matrix product of the input.
+    let direct = kh == 1 && kw == 1 && sh == 1 && sw == 1 && top + left + bottom + right == 0;
+    let band = if direct {
+        oh
+    } else {
+        (IM2COL_BYTES / (4 * k * ow).max(1)).clamp(1, oh)
+    };
+    let mut col = if direct {
+        Vec::new()
+    } else {
+        vec![0.0f32; k * band * ow]
+    };
+    for b in 0..n {
+        let image = &x[b * c * h * w..(b + 1) * c * h * w];
+        let out_b = &mut out[b * o * oh * ow..(b + 1) * o * oh * ow];
+        for r0 in (0..oh).step_by(band) {
+            let rows = band.min(oh - r0);
+            let pixels = rows * ow;
+            let rhs = if direct {
+                &image[r0 * ow..]
+            } else {
+                im2col(
+                    image,
+                    &mut col[..k * pixels],
+                    [h, w],
+                    [kh, kw],
+                    [sh, sw],
+                    [top, left],
+                    r0,
+                    [rows, ow],
+                );
+                &col[..]
+            };
+            let rhs_rs = if direct {
+                (h * w) as isize
+            } else {
+                pixels as isize
+            };
+            // SAFETY: dst is O × pixels inside out_b with row stride oh·ow; lhs is O × k
+            // (contiguous weights); rhs is k × pixels with row stride rhs_rs, all in bounds.
+            unsafe {
+                gemm::gemm(
+                    o,
+                    pixels,
+                    k,
+                    out_b[r0 * ow..].as_mut_ptr(),
+                    1,
+                    (oh * ow) as isize,
+                    false,
+                    weight.as_ptr(),
+                    1,
+                    k as isize,
+                    rhs.as_ptr(),
+                    1,
+                    rhs_rs,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    parallelism(),
+                );
+            }
+        }
+        if let Some(bias) = bias {
+            for_each_chunk(out_b, oh * ow, |channel, plane| {
+                plane.iter_mut().for_each(|v| *v += bias[channel]);
+            });
+        }
+    }
+    FlexTensor::new(
+        burn::tensor::Bytes::from_elems(out),
+        burn::backend::flex::Layout::contiguous([n, o, oh, ow].into()),
+        DType::F32,
+    )
+}
+
+/// Rows `c·kh·kw + i·kw + j` of `col`: the input shifted by kernel offset (i, j) for output rows
+/// `r0..r0 + rows`, zero where the window leaves the (padded) image.
+#[allow(clippy::too_many_arguments)]
+fn im2col(
+    image: &[f32],
+    col: &mut [f32],
+    [h, w]: [usize; 2],
+    [kh, kw]: [usize; 2],
+    [sh, sw]: [usize; 2],
+    [top, left]: [usize; 2],
+    r0: usize,
+    [rows, ow]: [usize; 2],
+) {
+    let pixels = rows * ow;
+    for_each_chunk(col, kh * kw * pixels, |channel, block| {
+        let plane = &image[channel * h * w..(channel + 1) * h * w];
+        for (offset, dst) in block.chunks_mut(pixels).enumerate() {
+            let (i, j) = (offset / kw, offset % kw);
+            for (r, dst_row) in dst.chunks_mut(ow).enumerate() {
+                let y = ((r0 + r) * sh + i) as isize - top as isize;
+                if y < 0 || y >= h as isize {
+                    dst_row.fill(0.0);
+                    continue;
+                }
+                let src = &plane[y as usize * w..(y as usize + 1) * w];
+                if sw == 1 {
+                    // Output columns whose input column j + x - left lies inside the row.
+                    let first = left.saturating_sub(j).min(ow);
+                    let last = (w + left).saturating_sub(j).clamp(first, ow);
+                    dst_row[..first].fill(0.0);
+                    dst_row[first..last].copy_from_slice(&src[first + j - left..last + j - left]);
+                    dst_row[last..].fill(0.0);
+                } else {
+                    for (x, v) in dst_row.iter_mut().enumerate() {
+                        let xi = (x * sw + j) as isize - left as isize;
+                        *v = if xi < 0 || xi >= w as isize {
+                            0.0
+                        } else {
+                            src[xi as usize]
+                        };
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Most attention-score bytes one task holds (a block of query rows against every key), sized to
+/// stay in a core's L2 cache between the two products.
+const SCORE_BLOCK_BYTES: usize = 2 << 20;
+
+/// `softmax(QKᵀ/√D + mask)·V` over `[B, H, S, D]` tensors on flex, or `None` on other backends.
+/// Blocks of query rows are processed independently on all cores: scores for the block, softmax,
+/// product with V, so the `[Sq, Sk]` score matrix is never written to memory whole (537 MB per
+/// self-attention at SD's 64×64 latent).
+pub fn attention<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    mask: Option<&Tensor<B, 2>>,
+) -> Option<Tensor<B, 4>> {
+    let [b, h, sq, d] = q.dims();
+    let sk = k.dims()[2];
+    let (q, k, v) = (
+        take_flex(q.clone()).ok()?,
+        take_flex(k.clone()).ok()?,
+        take_flex(v.clone()).ok()?,
+    );
+    let mask = match mask {
+        Some(m) => Some(take_flex(m.clone()).ok()?),
+        None => None,
+    };
+    let (qs, ks, vs) = (q.storage::<f32>(), k.storage::<f32>(), v.storage::<f32>());
+    let mask = mask.as_ref().map(|m| m.storage::<f32>());
+    let scale = 1.0 / (d as f32).sqrt();
+    // At least d rows: each block packs all of K (sk × d) again, so fewer, taller blocks when d
+    // is large (the VAE's single 512-wide head).
+    let rows = (SCORE_BLOCK_BYTES / (4 * sk)).max(d).clamp(1, sq);
+    let mut out = vec![0.0f32; b * h * sq * d];
+    let head = |index: usize, out_head: &mut [f32]| {
+        let (qh, kh, vh) = (
+            &qs[index * sq * d..],
+            &ks[index * sk * d..],
+            &vs[index * sk * d..],
+        );
+        let block = |r0: usize, out_rows: &mut [f32]| {
+            let n = out_rows.len() / d;
+            let mut scores = vec![0.0f32; n * sk];
+            // SAFETY: scores is n × sk; Q rows r0.. are n × d (row stride d); Kᵀ reads K (sk × d)
+            // with swapped strides; all within the head's slices.
+            unsafe {
+                gemm::gemm(
+                    n,
+                    sk,
+                    d,
+                    scores.as_mut_ptr(),
+                    1,
+                    sk as isize,
+                    false,
+                    qh[r0 * d..].as_ptr(),
+                    1,
+                    d as isize,
+                    kh.as_ptr(),
+                    d as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for (r, row) in scores.chunks_mut(sk).enumerate() {
+                if let Some(mask) = mask {
+                    let m = &mask[(r0 + r) * sk..(r0 + r + 1) * sk];
+                    row.iter_mut().zip(m).for_each(|(s, m)| *s += m);
+                }
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0f32;
+                for s in row.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|s| *s *= inv);
+            }
+            // SAFETY: out_rows is n × d; scores n × sk; V sk × d, all contiguous.
+            unsafe {
+                gemm::gemm(
+                    n,
+                    d,
+                    sk,
+                    out_rows.as_mut_ptr(),
+                    1,
+                    d as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    sk as isize,
+                    vh.as_ptr(),
+                    1,
+                    d as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        };
+        for_each_chunk(out_head, rows * d, |i, out_rows| block(i * rows, out_rows));
+    };
+    for_each_chunk(&mut out, sq * d, head);
+    Some(give_flex(FlexTensor::new(
+        burn::tensor::Bytes::from_elems(out),
+        burn::backend::flex::Layout::contiguous([b, h, sq, d].into()),
+        DType::F32,
+    )))
+}
+
+fn parallelism() -> gemm::Parallelism {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        gemm::Parallelism::Rayon(0)
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        gemm::Parallelism::None
+    }
 }
 
 #[inline]
@@ -114,34 +419,11 @@ pub fn group_norm<B: Backend>(
     give_flex(t)
 }
 
-/// Softmax over the last dimension (attention scores).
-pub fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    let mut t = match take_flex(x) {
-        Ok(t) => t,
-        Err(x) => return softmax(x, D - 1),
-    };
-    let row = *t.layout().shape().last().expect("rank ≥ 1");
-    // Rows are short (≤ 4096); hand each thread many of them.
-    let rows_per_task = (65536 / row.max(1)).max(1);
-    for_each_chunk(t.storage_mut::<f32>(), rows_per_task * row, |_, rows| {
-        for r in rows.chunks_mut(row) {
-            let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f32;
-            for v in r.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
-            let inv = 1.0 / sum;
-            r.iter_mut().for_each(|v| *v *= inv);
-        }
-    });
-    give_flex(t)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use burn::nn::GroupNormConfig;
+    use burn::tensor::activation::softmax;
     use burn::tensor::{Distribution, Tolerance};
 
     fn affine(norm: GroupNorm<Flex>, channels: usize) -> GroupNorm<Flex> {
@@ -191,18 +473,116 @@ mod tests {
     }
 
     #[test]
-    fn fused_softmax_matches_burns_ops() {
+    fn conv2d_matches_burns_conv() {
+        use burn::nn::conv::Conv2dConfig;
         let device = Default::default();
-        let x = Tensor::<Flex, 4>::random([2, 3, 9, 77], Distribution::Normal(0.0, 4.0), &device);
-        let want = softmax(x.clone(), 3);
-        softmax_last(x)
-            .into_data()
-            .assert_approx_eq::<f32>(&want.into_data(), Tolerance::absolute(1e-6));
-        // Masked rows (−∞ after the diagonal) stay finite.
-        let mask = Tensor::<Flex, 2>::full([9, 9], f32::MIN, &device).triu(1);
-        let s = Tensor::<Flex, 2>::random([9, 9], Distribution::Default, &device) + mask;
-        let got: Vec<f32> = softmax_last(s).into_data().to_vec().unwrap();
-        assert!(got.iter().all(|v| v.is_finite()));
-        assert!((got[0] - 1.0).abs() < 1e-6, "row 0 sees only token 0");
+        // (in, out, kernel, stride, padding, input H×W, bias): SD's 3×3, the downsampler's
+        // stride 2 with asymmetric padding, 1×1 projections, and a band split (big input).
+        let cases = [
+            (
+                5,
+                7,
+                3,
+                1,
+                PaddingConfig2d::Explicit(1, 1, 1, 1),
+                (9, 11),
+                true,
+            ),
+            (
+                4,
+                6,
+                3,
+                2,
+                PaddingConfig2d::Explicit(0, 0, 1, 1),
+                (10, 7),
+                true,
+            ),
+            (
+                6,
+                3,
+                3,
+                2,
+                PaddingConfig2d::Explicit(1, 1, 1, 1),
+                (8, 8),
+                false,
+            ),
+            (8, 5, 1, 1, PaddingConfig2d::Valid, (6, 5), true),
+            (3, 4, 3, 1, PaddingConfig2d::Valid, (7, 6), true),
+            (
+                64,
+                8,
+                3,
+                1,
+                PaddingConfig2d::Explicit(1, 1, 1, 1),
+                (200, 150),
+                true,
+            ),
+        ];
+        for (cin, cout, k, s, padding, (h, w), bias) in cases {
+            let conv = Conv2dConfig::new([cin, cout], [k, k])
+                .with_stride([s, s])
+                .with_padding(padding.clone())
+                .with_bias(bias)
+                .init::<Flex>(&device);
+            let x = Tensor::<Flex, 4>::random([2, cin, h, w], Distribution::Default, &device);
+            let want = conv.forward(x.clone());
+            let got = conv2d(&conv, x);
+            assert_eq!(got.dims(), want.dims(), "{padding:?}");
+            got.into_data()
+                .assert_approx_eq::<f32>(&want.into_data(), Tolerance::absolute(1e-4));
+        }
+    }
+
+    #[test]
+    fn blocked_attention_matches_burns_ops() {
+        let device = Default::default();
+        let normal = Distribution::Normal(0.0, 1.0);
+        // Self-attention with more keys than fit one score block, and CLIP's causal mask.
+        for (sq, sk, masked) in [(300, 40_000, false), (7, 9, false), (77, 77, true)] {
+            let q = Tensor::<Flex, 4>::random([1, 2, sq, 8], normal, &device);
+            let k = Tensor::<Flex, 4>::random([1, 2, sk, 8], normal, &device);
+            let v = Tensor::<Flex, 4>::random([1, 2, sk, 8], normal, &device);
+            let mask = masked.then(|| Tensor::<Flex, 2>::full([sq, sk], f32::MIN, &device).triu(1));
+            let mut scores = q.clone().matmul(k.clone().swap_dims(2, 3)) / (8f64).sqrt();
+            if let Some(m) = &mask {
+                scores = scores + m.clone().reshape([1, 1, sq, sk]);
+            }
+            let want = softmax(scores, 3).matmul(v.clone());
+            // Strided (head-split) inputs, as the models pass them.
+            let got =
+                attention(&q, &k.swap_dims(2, 3).swap_dims(2, 3), &v, mask.as_ref()).expect("flex");
+            got.into_data()
+                .assert_approx_eq::<f32>(&want.into_data(), Tolerance::absolute(1e-5));
+        }
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    /// `cargo test --release --lib kernels::timing -- --ignored --nocapture`: SD-1.5 shapes.
+    #[test]
+    #[ignore]
+    fn attention_at_sd_shapes() {
+        let device = Default::default();
+        let n = Distribution::Normal(0.0, 1.0);
+        for (h, sq, sk, d) in [(8, 4096, 4096, 40), (8, 4096, 77, 40), (1, 4096, 4096, 512)] {
+            let q = Tensor::<Flex, 4>::random([1, h, sq, d], n, &device);
+            let k = Tensor::<Flex, 4>::random([1, h, sk, d], n, &device);
+            let v = Tensor::<Flex, 4>::random([1, h, sk, d], n, &device);
+            let t = std::time::Instant::now();
+            let a = attention(&q, &k, &v, None).unwrap();
+            let _ = a.into_data();
+            let fused = t.elapsed().as_secs_f64() * 1e3;
+            let t = std::time::Instant::now();
+            let scores = q.clone().matmul(k.clone().swap_dims(2, 3)) / (d as f64).sqrt();
+            let _ = burn::tensor::activation::softmax(scores, 3)
+                .matmul(v.clone())
+                .into_data();
+            let ops = t.elapsed().as_secs_f64() * 1e3;
+            println!("h{h} {sq}x{sk}x{d}: blocked {fused:.0} ms, burn ops {ops:.0} ms");
+        }
     }
 }

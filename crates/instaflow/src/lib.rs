@@ -11,7 +11,7 @@
 //! * [`losses`] — rectified-flow / reflow and distillation objectives.
 //! * [`metrics`] — straightness, transport cost, sliced Wasserstein.
 //! * [`models`] — SD-1.5 networks: CLIP text encoder, UNet, VAE.
-//! * [`kernels`] — fused GroupNorm(+SiLU) and softmax for the CPU backend.
+//! * [`kernels`] — convolution, GroupNorm(+SiLU) and attention kernels for the CPU backend.
 //! * [`pipeline`] — the InstaFlow sampling loop over a diffusers folder.
 //! * [`noise`] — seeded, backend-independent Gaussian noise.
 //! * [`bench`] — kernel timings for comparing backends.

@@ -3,7 +3,7 @@
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::gelu;
+use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::{Tensor, backend::Backend};
 
 use super::resnet::{conv2d, group_norm};
@@ -23,6 +23,9 @@ pub fn scaled_dot_product<B: Backend>(
     v: Tensor<B, 4>,
     mask: Option<Tensor<B, 2>>,
 ) -> Tensor<B, 4> {
+    if let Some(out) = kernels::attention(&q, &k, &v, mask.as_ref()) {
+        return out;
+    }
     let [b, h, sq, d] = q.dims();
     let sk = k.dims()[2];
     // Scaling Q (Sq×D) instead of the scores (Sq×Sk) saves a pass over the largest tensor here.
@@ -39,7 +42,7 @@ pub fn scaled_dot_product<B: Backend>(
             let mc = m.clone().slice([start..end, 0..sk]);
             scores = scores + mc.reshape([1, 1, end - start, sk]);
         }
-        outputs.push(kernels::softmax_last(scores).matmul(v.clone()));
+        outputs.push(softmax(scores, 3).matmul(v.clone()));
         start = end;
     }
     if outputs.len() == 1 {
@@ -253,7 +256,7 @@ impl<B: Backend> Transformer2DModel<B> {
             x.reshape([b, ch, h * w]).swap_dims(1, 2)
         };
         let mut tokens = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(conv.forward(x)),
+            Projection::Conv(conv) => to_tokens(kernels::conv2d(conv, x)),
             Projection::Linear(lin) => lin.forward(to_tokens(x)),
         };
         for block in &self.transformer_blocks {
@@ -264,7 +267,7 @@ impl<B: Backend> Transformer2DModel<B> {
             t.swap_dims(1, 2).reshape([b, ch, h, w])
         };
         let out = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(to_image(tokens)),
+            Projection::Conv(conv) => kernels::conv2d(conv, to_image(tokens)),
             Projection::Linear(lin) => to_image(lin.forward(tokens)),
         };
         let _ = c;
@@ -277,7 +280,6 @@ mod tests {
     use super::*;
     use crate::test_util::{TB, device, to_vec};
     use burn::tensor::Distribution;
-    use burn::tensor::activation::softmax;
 
     #[test]
     fn chunked_attention_equals_one_shot() {

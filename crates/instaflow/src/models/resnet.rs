@@ -71,19 +71,18 @@ impl<B: Backend> ResnetBlock2D<B> {
 
     /// `x`: `[B, C, H, W]`; `temb`: `[B, T]` (already the UNet's time embedding).
     pub fn forward(&self, x: Tensor<B, 4>, temb: Option<&Tensor<B, 2>>) -> Tensor<B, 4> {
-        let mut h = self
-            .conv1
-            .forward(kernels::group_norm(&self.norm1, x.clone(), true));
+        let mut h = kernels::conv2d(
+            &self.conv1,
+            kernels::group_norm(&self.norm1, x.clone(), true),
+        );
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(silu(temb.clone()));
             let [b, c] = t.dims();
             h = h + t.reshape([b, c, 1, 1]);
         }
-        let h = self
-            .conv2
-            .forward(kernels::group_norm(&self.norm2, h, true));
+        let h = kernels::conv2d(&self.conv2, kernels::group_norm(&self.norm2, h, true));
         let x = match &self.conv_shortcut {
-            Some(c) => c.forward(x),
+            Some(c) => kernels::conv2d(c, x),
             None => x,
         };
         let out = x + h;
@@ -120,7 +119,7 @@ impl<B: Backend> Downsample2D<B> {
 
     /// Halve the resolution.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        self.conv.forward(x)
+        kernels::conv2d(&self.conv, x)
     }
 }
 
@@ -146,6 +145,6 @@ impl<B: Backend> Upsample2D<B> {
             .reshape([b, c, h, 1, w, 1])
             .expand([b, c, h, 2, w, 2])
             .reshape([b, c, 2 * h, 2 * w]);
-        self.conv.forward(x)
+        kernels::conv2d(&self.conv, x)
     }
 }

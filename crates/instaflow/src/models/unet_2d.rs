@@ -438,7 +438,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
         );
         let temb = self.time_embedding.forward(t);
 
-        let mut x = self.conv_in.forward(sample);
+        let mut x = kernels::conv2d(&self.conv_in, sample);
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {
             x = block.forward(x, Some(&temb), Some(context), &mut skips);
@@ -447,7 +447,7 @@ impl<B: Backend> UNet2DConditionModel<B> {
         for block in &self.up_blocks {
             x = block.forward(x, Some(&temb), Some(context), &mut skips);
         }
-        self.conv_out
-            .forward(kernels::group_norm(&self.conv_norm_out, x, true))
+        let x = kernels::group_norm(&self.conv_norm_out, x, true);
+        kernels::conv2d(&self.conv_out, x)
     }
 }

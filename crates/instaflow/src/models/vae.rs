@@ -297,16 +297,15 @@ impl<B: Backend> AutoencoderKL<B> {
     /// Mean and log-variance `[B, latent, H/f, W/f]` of the posterior for images in [−1, 1].
     pub fn encode(&self, image: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let e = &self.encoder;
-        let mut x = e.conv_in.forward(image);
+        let mut x = kernels::conv2d(&e.conv_in, image);
         for block in &e.down_blocks {
             x = block.forward(x);
         }
         x = e.mid_block.forward(x);
-        let mut moments = e
-            .conv_out
-            .forward(kernels::group_norm(&e.conv_norm_out, x, true));
+        let x = kernels::group_norm(&e.conv_norm_out, x, true);
+        let mut moments = kernels::conv2d(&e.conv_out, x);
         if let Some(q) = &self.quant_conv {
-            moments = q.forward(moments);
+            moments = kernels::conv2d(q, moments);
         }
         let [b, c2, h, w] = moments.dims();
         let c = c2 / 2;
@@ -319,14 +318,14 @@ impl<B: Backend> AutoencoderKL<B> {
     pub fn decode(&self, latents: Tensor<B, 4>) -> Tensor<B, 4> {
         let d = &self.decoder;
         let z = match &self.post_quant_conv {
-            Some(p) => p.forward(latents),
+            Some(p) => kernels::conv2d(p, latents),
             None => latents,
         };
-        let mut x = d.mid_block.forward(d.conv_in.forward(z));
+        let mut x = d.mid_block.forward(kernels::conv2d(&d.conv_in, z));
         for block in &d.up_blocks {
             x = block.forward(x);
         }
-        d.conv_out
-            .forward(kernels::group_norm(&d.conv_norm_out, x, true))
+        let x = kernels::group_norm(&d.conv_norm_out, x, true);
+        kernels::conv2d(&d.conv_out, x)
     }
 }
