@@ -87,7 +87,7 @@ pub fn load_unet<B: Backend>(
     let cfg: UNet2DConditionConfig = read_config(source, dir)?;
     let mut model = cfg.init::<B>(device).map_err(unsupported(source, dir))?;
     let files = weights::weight_files(source, dir, &["diffusion_pytorch_model", "model"])?;
-    weights::load(&mut model, source, &files, &[])?;
+    weights::load(&mut model, source, &files, &[], device)?;
     Ok((cfg, model))
 }
 
@@ -100,7 +100,7 @@ pub fn load_vae<B: Backend>(
     let cfg: AutoencoderKLConfig = read_config(source, dir)?;
     let mut model = cfg.init::<B>(device).map_err(unsupported(source, dir))?;
     let files = weights::weight_files(source, dir, &["diffusion_pytorch_model", "model"])?;
-    weights::load(&mut model, source, &files, &[])?;
+    weights::load(&mut model, source, &files, &[], device)?;
     Ok((cfg, model))
 }
 
@@ -113,7 +113,7 @@ pub fn load_text_encoder<B: Backend>(
     let cfg: ClipTextConfig = read_config(source, dir)?;
     let mut model = cfg.init::<B>(device).map_err(unsupported(source, dir))?;
     let files = weights::weight_files(source, dir, &["model", "pytorch_model"])?;
-    weights::load(&mut model, source, &files, weights::CLIP_REMAPS)?;
+    weights::load(&mut model, source, &files, weights::CLIP_REMAPS, device)?;
     Ok(model)
 }
 
@@ -211,10 +211,17 @@ impl<B: Backend> InstaFlowPipeline<B> {
             source,
             &files(text, text_stems)?,
             clip,
+            device,
         )?;
-        weights::load(&mut pipe.unet, source, &files(unet, unet_stems)?, &[])?;
+        weights::load(
+            &mut pipe.unet,
+            source,
+            &files(unet, unet_stems)?,
+            &[],
+            device,
+        )?;
         if let Some(model) = &mut pipe.vae {
-            weights::load(model, source, &files(vae, vae_stems)?, &[])?;
+            weights::load(model, source, &files(vae, vae_stems)?, &[], device)?;
         }
         Ok(pipe)
     }
