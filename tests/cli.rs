@@ -204,13 +204,8 @@ fn generate_meets_the_contract_and_matches_diffusers_latents() {
         );
         let bytes = std::fs::read(&lat).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let got = st.tensor("latents").unwrap();
-        assert_eq!(got.shape(), &shape[..]);
-        let got: Vec<f32> = got
-            .data()
-            .chunks(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        assert_eq!(st.tensor("latents").unwrap().shape(), &shape[..]);
+        let got = read_latents(&lat);
         let (_, want) = golden("linear-f16", &format!("pipeline.n{steps}.latents"));
         let max = got
             .iter()

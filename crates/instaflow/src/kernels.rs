@@ -556,33 +556,3 @@ mod tests {
         }
     }
 }
-
-#[cfg(test)]
-mod timing {
-    use super::*;
-    use burn::tensor::Distribution;
-
-    /// `cargo test --release --lib kernels::timing -- --ignored --nocapture`: SD-1.5 shapes.
-    #[test]
-    #[ignore]
-    fn attention_at_sd_shapes() {
-        let device = Default::default();
-        let n = Distribution::Normal(0.0, 1.0);
-        for (h, sq, sk, d) in [(8, 4096, 4096, 40), (8, 4096, 77, 40), (1, 4096, 4096, 512)] {
-            let q = Tensor::<Flex, 4>::random([1, h, sq, d], n, &device);
-            let k = Tensor::<Flex, 4>::random([1, h, sk, d], n, &device);
-            let v = Tensor::<Flex, 4>::random([1, h, sk, d], n, &device);
-            let t = std::time::Instant::now();
-            let a = attention(&q, &k, &v, None).unwrap();
-            let _ = a.into_data();
-            let fused = t.elapsed().as_secs_f64() * 1e3;
-            let t = std::time::Instant::now();
-            let scores = q.clone().matmul(k.clone().swap_dims(2, 3)) / (d as f64).sqrt();
-            let _ = burn::tensor::activation::softmax(scores, 3)
-                .matmul(v.clone())
-                .into_data();
-            let ops = t.elapsed().as_secs_f64() * 1e3;
-            println!("h{h} {sq}x{sk}x{d}: blocked {fused:.0} ms, burn ops {ops:.0} ms");
-        }
-    }
-}
