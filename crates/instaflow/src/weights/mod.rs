@@ -1,22 +1,26 @@
 //! Loading diffusers/transformers safetensors weights (f32, f16 or bf16; one file or shards with
 //! an index) into the models of [`crate::models`].
 //!
-//! burn-store reads tensors lazily from a memory map and converts them one at a time, so a 3.4 GB
-//! UNet is never held twice. Every problem is reported with the tensor names involved.
+//! Files on disk are memory-mapped and every tensor whose dtype already is the device's float type
+//! is used in place on the CPU backend (no copy: a 3.4 GB UNet loads in the time it takes to map
+//! it); other tensors are converted one at a time. Names and shapes are checked against the
+//! module before a weight is touched, and every problem is reported with the tensor names
+//! involved.
 
-use std::collections::BTreeSet;
-use std::rc::Rc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::OnceLock;
 
-use burn::tensor::DType;
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use burn::tensor::{AllocationProperty, Bytes, DType, Tensor, TensorData};
+use regex::Regex;
 
+mod layout;
 pub mod stream;
 
 use crate::source::ModelSource;
-use burn::tensor::backend::Backend;
-use burn_store::{
-    ApplyError, ChainAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter,
-    SafetensorsStore, TensorSnapshot,
-};
+use layout::{ParamLister, ParamSetter};
+use stream::{HeaderTensor, header_length, not_a_weight_dtype, parse_header};
 
 /// What can go wrong when loading weights.
 #[derive(Debug, thiserror::Error)]
@@ -47,33 +51,6 @@ pub enum WeightsError {
     },
 }
 
-/// Converts float tensors to the float type the device computes in (f32 unless the device's
-/// default was set to f16) as they are read.
-#[derive(Debug, Clone)]
-struct ToFloat(DType);
-
-impl ModuleAdapter for ToFloat {
-    fn adapt(&self, snapshot: &TensorSnapshot) -> TensorSnapshot {
-        let target = self.0;
-        if !snapshot.dtype.is_float() || snapshot.dtype == target {
-            return snapshot.clone();
-        }
-        let data = snapshot.clone_data_fn();
-        TensorSnapshot::from_closure(
-            Rc::new(move || Ok(data()?.convert_dtype(target))),
-            target,
-            snapshot.shape.clone(),
-            snapshot.path_stack.clone().unwrap_or_default(),
-            snapshot.container_stack.clone().unwrap_or_default(),
-            snapshot.tensor_id.unwrap_or_default(),
-        )
-    }
-
-    fn clone_box(&self) -> Box<dyn ModuleAdapter> {
-        Box::new(self.clone())
-    }
-}
-
 /// Checkpoint names that differ from the module paths: (regex on the file's names, replacement).
 const KEY_REMAPS: &[(&str, &str)] = &[
     // GEGLU feed-forward: `ff.net.0.proj` / `ff.net.2` are stored in a PyTorch Sequential.
@@ -93,29 +70,24 @@ pub const CLIP_REMAPS: &[(&str, &str)] = &[(
     "text_model.$1.",
 )];
 
-/// A file's tensor name as the module sees it, after [`KEY_REMAPS`].
+/// A file's tensor name as the module sees it, after [`KEY_REMAPS`] and `extra`.
 fn canonical(name: &str, extra: &[(&str, &str)]) -> String {
-    KEY_REMAPS
-        .iter()
-        .chain(extra)
-        .fold(name.to_string(), |n, (from, to)| {
-            regex::Regex::new(from)
-                .expect("valid remap pattern")
-                .replace(&n, *to)
-                .into_owned()
-        })
-}
-
-/// burn-store reports norm tensors loaded under burn's names (`gamma`/`beta`) as unused under
-/// PyTorch's (`weight`/`bias`); they are not unexpected if the burn name was applied.
-fn loaded_as_norm(name: &str, applied: &BTreeSet<String>, extra: &[(&str, &str)]) -> bool {
-    let n = canonical(name, extra);
-    [(".weight", ".gamma"), (".bias", ".beta")]
-        .iter()
-        .any(|(pt, burn)| {
-            n.strip_suffix(pt)
-                .is_some_and(|stem| applied.contains(&format!("{stem}{burn}")))
-        })
+    static BUILT_IN: OnceLock<Vec<(Regex, &str)>> = OnceLock::new();
+    let built_in = BUILT_IN.get_or_init(|| {
+        KEY_REMAPS
+            .iter()
+            .map(|(from, to)| (Regex::new(from).expect("valid remap pattern"), *to))
+            .collect()
+    });
+    let name = built_in.iter().fold(name.to_string(), |n, (from, to)| {
+        from.replace(&n, *to).into_owned()
+    });
+    extra.iter().fold(name, |n, (from, to)| {
+        Regex::new(from)
+            .expect("valid remap pattern")
+            .replace(&n, *to)
+            .into_owned()
+    })
 }
 
 /// Tensors some checkpoints carry that are not weights.
@@ -196,87 +168,156 @@ fn list(title: &str, names: &[String], details: &mut String) {
     }
 }
 
+/// A whole weight file: memory-mapped when it is on disk (native builds), else its bytes.
+fn file_bytes(source: &ModelSource, rel: &str) -> Result<bytes::Bytes, WeightsError> {
+    let unreadable = |message: String| WeightsError::Unreadable {
+        path: source.display(rel),
+        message,
+    };
+    #[cfg(not(target_arch = "wasm32"))]
+    if let Some(path) = source.path(rel) {
+        let file = std::fs::File::open(&path).map_err(|e| unreadable(e.to_string()))?;
+        let len = file
+            .metadata()
+            .map_err(|e| unreadable(e.to_string()))?
+            .len();
+        if len < stream::PREFIX_BYTES {
+            return Err(unreadable(format!("not a safetensors file ({len} bytes)")));
+        }
+        // SAFETY: the map is read-only; like every memory-mapped loader this assumes the file
+        // is not truncated or rewritten in place while the model is in use (this project
+        // replaces files by renaming, which leaves an existing map intact).
+        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
+            .map_err(|e| unreadable(e.to_string()))?;
+        return Ok(bytes::Bytes::from_owner(map));
+    }
+    source
+        .read(rel)
+        .map(bytes::Bytes::from)
+        .map_err(|e| unreadable(e.message))
+}
+
+/// The values of `t` (stored in `file`) as a `[rows, rest]` tensor in the float type `float`,
+/// transposed when `transpose` (PyTorch stores Linear weights `[out, in]`, burn `[in, out]`).
+/// Untransposed tensors whose dtype matches are the file's own bytes (no copy); the others are
+/// converted or transposed into a new buffer.
+fn tensor_data(file: &bytes::Bytes, t: &HeaderTensor, float: DType, transpose: bool) -> TensorData {
+    let rows = t.shape.first().copied().unwrap_or(1);
+    let cols = t.shape.iter().skip(1).product::<usize>();
+    let raw = file.slice(t.start as usize..t.end as usize);
+    let aligned = (raw.as_ptr() as usize).is_multiple_of(t.dtype.size());
+    if !transpose && t.dtype == float && aligned {
+        let bytes = Bytes::from_shared(raw, AllocationProperty::File);
+        return TensorData::from_bytes(bytes, [rows, cols], float);
+    }
+    let values = match t.dtype {
+        DType::F32 if aligned => std::borrow::Cow::Borrowed(bytemuck::cast_slice::<u8, f32>(&raw)),
+        DType::F16 => crate::convert::floats(safetensors::Dtype::F16, &raw)
+            .expect("float")
+            .into(),
+        DType::BF16 => crate::convert::floats(safetensors::Dtype::BF16, &raw)
+            .expect("float")
+            .into(),
+        _ => crate::convert::floats(safetensors::Dtype::F32, &raw)
+            .expect("float")
+            .into(),
+    };
+    let data = if transpose {
+        // A strided view would cost nothing here but slows every product with it (gemm reads a
+        // column-major right-hand side far less efficiently): transpose once, in cache blocks.
+        TensorData::new(transposed(&values, rows, cols), [cols, rows])
+    } else {
+        TensorData::new(values.into_owned(), [rows, cols])
+    };
+    data.convert_dtype(float)
+}
+
+/// `values` (`rows`×`cols`, row-major) transposed, in 32×32 blocks, output rows in parallel.
+fn transposed(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    const BLOCK: usize = 32;
+    let mut out = vec![0f32; values.len()];
+    if values.is_empty() {
+        return out;
+    }
+    out.par_chunks_mut(BLOCK * rows)
+        .enumerate()
+        .for_each(|(jb, band)| {
+            let j0 = jb * BLOCK;
+            let width = band.len() / rows;
+            for i0 in (0..rows).step_by(BLOCK) {
+                for j in 0..width {
+                    let dst = &mut band[j * rows + i0..j * rows + (i0 + BLOCK).min(rows)];
+                    for (d, i) in dst.iter_mut().zip(i0..) {
+                        *d = values[i * cols + j0 + j];
+                    }
+                }
+            }
+        });
+    out
+}
+
 /// Load `files` into `module`. Every parameter must be found exactly once with the right shape,
 /// and every tensor in the files must be used. `extra` adds name remappings (regex, replacement).
 /// Floats are converted to `device`'s default float type.
-pub fn load<B: Backend, M: ModuleSnapshot<B>>(
+pub fn load<B: Backend, M: Module<B>>(
     module: &mut M,
     source: &ModelSource,
     files: &[WeightFile],
     extra: &[(&str, &str)],
     device: &B::Device,
 ) -> Result<(), WeightsError> {
-    let mut applied = BTreeSet::new();
-    let mut missing = None::<BTreeSet<String>>;
-    let mut unexpected = Vec::new();
-    let mut bad = Vec::new();
     // Asked of the device, not the module: reading a lazy parameter's device would first fill it
-    // with the random values it is about to lose (41% of an SD-1.5 folder's load time).
+    // with the random values it is about to lose.
     let float: DType = burn::tensor::get_device_settings::<B>(device)
         .float_dtype
         .into();
+    let mut lister = ParamLister::default();
+    module.visit(&mut lister);
+    let expected = lister.by_name;
+    let mut seen = BTreeSet::new();
+    let (mut unexpected, mut bad) = (Vec::new(), Vec::new());
+    let mut tensors = HashMap::new();
     for WeightFile(rel) in files {
-        let unreadable = |message: String| WeightsError::Unreadable {
-            path: source.display(rel),
-            message,
-        };
-        // Files on disk are memory-mapped and read tensor by tensor; in-memory files are parsed in place.
-        let store = match source.path(rel) {
-            Some(path) if path.is_file() => SafetensorsStore::from_file(path),
-            Some(_) => return Err(unreadable("not found".into())),
-            None => SafetensorsStore::from_bytes(Some(
-                source.read(rel).map_err(|e| unreadable(e.message))?,
-            )),
-        };
-        let mut store = store
-            .with_from_adapter(ChainAdapter::new(PyTorchToBurnAdapter, ToFloat(float)))
-            .skip_enum_variants(true)
-            .allow_partial(true)
-            .validate(false);
-        for (from, to) in KEY_REMAPS.iter().chain(extra) {
-            store = store.with_key_remapping(*from, *to);
-        }
-        let result = module
-            .load_from(&mut store)
-            .map_err(|e| unreadable(describe_store_error(&e.to_string())))?;
-        applied.extend(result.applied.iter().cloned());
-        let now_missing: BTreeSet<String> = result.missing.iter().map(|(p, _)| p.clone()).collect();
-        missing = Some(match missing {
-            None => now_missing,
-            Some(m) => m.intersection(&now_missing).cloned().collect(),
-        });
-        unexpected.extend(result.unused.iter().cloned());
-        for e in &result.errors {
-            bad.push(match e {
-                ApplyError::ShapeMismatch {
-                    path,
-                    expected,
-                    found,
-                } => {
-                    format!(
-                        "{path}: expected shape {:?}, file has {:?}",
-                        expected.as_slice(),
-                        found.as_slice()
-                    )
+        let name = source.display(rel);
+        let bytes = file_bytes(source, rel)?;
+        let json_len = header_length(&name, &bytes)?;
+        let json = bytes
+            .get(stream::PREFIX_BYTES as usize..(stream::PREFIX_BYTES + json_len) as usize)
+            .ok_or_else(|| WeightsError::Unreadable {
+                path: name.clone(),
+                message: format!("truncated: the header needs {json_len} bytes"),
+            })?;
+        for t in parse_header(&name, json, Some(bytes.len() as u64))? {
+            let key = canonical(&t.name, extra);
+            let Some(exp) = expected.get(&key) else {
+                if !ignorable(&key) {
+                    unexpected.push(t.name);
                 }
-                ApplyError::DTypeMismatch {
-                    path,
-                    expected,
-                    found,
-                } => {
-                    format!("{path}: expected {expected:?}, file has {found:?}")
-                }
-                other => other.to_string(),
-            });
+                continue;
+            };
+            if !seen.insert(key) {
+                bad.push(format!("{}: stored twice", t.name));
+            } else if let Some(message) = not_a_weight_dtype(t.dtype) {
+                bad.push(format!("{}: {message}", t.name));
+            } else if t.shape != exp.file_shape {
+                bad.push(format!(
+                    "{}: expected shape {:?}, file has {:?}",
+                    t.name, exp.file_shape, t.shape
+                ));
+            } else if bad.is_empty() && unexpected.is_empty() {
+                let data = tensor_data(&bytes, &t, float, exp.transpose);
+                tensors.insert(exp.path.clone(), Tensor::<B, 2>::from_data(data, device));
+            }
         }
     }
-    let missing: Vec<String> = missing
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|m| !applied.contains(m))
+    let missing: Vec<String> = expected
+        .keys()
+        .filter(|k| !seen.contains(*k))
+        .cloned()
         .collect();
-    unexpected.retain(|n| !ignorable(n) && !loaded_as_norm(n, &applied, extra));
     if missing.is_empty() && unexpected.is_empty() && bad.is_empty() {
+        *module = module.clone().map(&mut ParamSetter::new(tensors));
         return Ok(());
     }
     let mut details = String::new();
@@ -292,13 +333,137 @@ pub fn load<B: Backend, M: ModuleSnapshot<B>>(
     })
 }
 
-fn describe_store_error(message: &str) -> String {
-    if message.contains("HeaderTooLarge")
-        || message.contains("InvalidHeader")
-        || message.contains("MetadataIncompleteBuffer")
-    {
-        format!("not a valid safetensors file (truncated or corrupt): {message}")
-    } else {
-        message.to_string()
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{TB, device, parity_folder};
+
+    fn header(dtype: DType, shape: Vec<usize>, start: u64) -> HeaderTensor {
+        let n: usize = shape.iter().product();
+        HeaderTensor {
+            name: "w".into(),
+            dtype,
+            shape,
+            start,
+            end: start + (n * dtype.size()) as u64,
+        }
+    }
+
+    #[test]
+    fn transposes_in_blocks_of_any_size() {
+        for (rows, cols) in [(1, 1), (3, 70), (33, 65), (64, 32), (0, 5)] {
+            let values: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
+            let t = transposed(&values, rows, cols);
+            for i in 0..rows {
+                for j in 0..cols {
+                    assert_eq!(t[j * rows + i], values[i * cols + j], "{rows}×{cols}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tensor_bytes_are_shared_converted_or_transposed() {
+        let values: Vec<f32> = (0..6).map(|v| v as f32 * 0.5).collect();
+        // One spare byte first, so the same values are seen aligned and misaligned.
+        let mut file = vec![0u8; 4];
+        file.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        file.push(0);
+        file.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        let halves: Vec<u8> = values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let half_start = file.len() as u64;
+        file.extend(&halves);
+        let file = bytes::Bytes::from(file);
+        let aligned = header(DType::F32, vec![2, 3], 4);
+        let misaligned = header(DType::F32, vec![2, 3], 4 + 24 + 1);
+        let f16 = header(DType::F16, vec![2, 3], half_start);
+        let base = file.as_ptr() as usize;
+        // The aligned test needs the buffer itself 4-aligned, which the allocator gives.
+        assert_eq!(base % 4, 0);
+        for t in [&aligned, &misaligned, &f16] {
+            let data = tensor_data(&file, t, DType::F32, false);
+            assert_eq!(data.shape.as_slice(), &[2, 3]);
+            assert_eq!(data.to_vec::<f32>().unwrap(), values);
+            let data = tensor_data(&file, t, DType::F32, true);
+            assert_eq!(data.shape.as_slice(), &[3, 2]);
+            assert_eq!(
+                data.to_vec::<f32>().unwrap(),
+                vec![0.0, 1.5, 0.5, 2.0, 1.0, 2.5]
+            );
+            let data = tensor_data(&file, t, DType::F16, false);
+            assert_eq!(data.dtype, DType::F16);
+        }
+        // The aligned f32 tensor is the file's memory, not a copy.
+        let shared = tensor_data(&file, &aligned, DType::F32, false);
+        assert_eq!(shared.bytes.as_ptr() as usize, base + 4);
+    }
+
+    #[test]
+    fn a_loaded_unet_equals_its_file_and_mismatches_name_the_tensors() {
+        let source = parity_folder("conv-f32", "weights-load");
+        let (_, unet) = crate::pipeline::load_unet::<TB>(&source, "unet", &device()).unwrap();
+        // Spot-check a Linear weight (stored [out, in], held [in, out]) against the file.
+        let path = source
+            .path("unet/diffusion_pytorch_model.safetensors")
+            .unwrap();
+        let file = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&file).unwrap();
+        let (name, view) = st
+            .tensors()
+            .into_iter()
+            .find(|(n, v)| n.ends_with("to_q.weight") && v.shape().len() == 2)
+            .unwrap();
+        let stored = crate::convert::floats(view.dtype(), view.data()).unwrap();
+        let [out, inp] = [view.shape()[0], view.shape()[1]];
+        let mut found = None;
+        unet.visit(&mut FindParam {
+            path: vec![],
+            want: name.to_string(),
+            found: &mut found,
+        });
+        let held = found.expect("parameter exists");
+        assert_eq!(held.len(), out * inp);
+        for (o, i) in [(0, 0), (out - 1, 0), (0, inp - 1), (out / 2, inp / 3)] {
+            assert_eq!(held[i * out + o], stored[o * inp + i], "{name}[{o},{i}]");
+        }
+        // A file of another model: every problem named, nothing loaded.
+        let other = parity_folder("conv-f32", "weights-other");
+        let vae_file = other
+            .path("vae/diffusion_pytorch_model.safetensors")
+            .unwrap();
+        std::fs::copy(&vae_file, &path).unwrap();
+        let err = crate::pipeline::load_unet::<TB>(&source, "unet", &device())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing from the file"), "{err}");
+        assert!(err.contains("unexpected tensors"), "{err}");
+    }
+
+    /// Reads one float parameter's values by module path.
+    struct FindParam<'a> {
+        path: Vec<String>,
+        want: String,
+        found: &'a mut Option<Vec<f32>>,
+    }
+
+    impl<B: Backend> burn::module::ModuleVisitor<B> for FindParam<'_> {
+        fn enter_module(&mut self, name: &str, container: &str) {
+            if !container.starts_with("Enum:") {
+                self.path.push(name.to_string());
+            }
+        }
+        fn exit_module(&mut self, _name: &str, container: &str) {
+            if !container.starts_with("Enum:") {
+                self.path.pop();
+            }
+        }
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+            if self.path.join(".") == self.want {
+                *self.found = Some(param.val().into_data().convert::<f32>().to_vec().unwrap());
+            }
+        }
     }
 }
