@@ -374,3 +374,42 @@ fn ddim_teacher_matches_diffusers_scheduler() {
         1e-4,
     );
 }
+
+/// The DPM-Solver++ (2M) teacher against diffusers' `DPMSolverMultistepScheduler`
+/// (`dpmsolver++`, order 2), 5 steps (first-order start, second-order middle, σ = 0 end),
+/// guidance 1.5 (golden from `tests/parity/make_ddim_golden.py`).
+#[test]
+fn dpm_solver_teacher_matches_diffusers_scheduler() {
+    let name = "conv-f32";
+    let g = Goldens(std::fs::read(fixture(name).join("dpm.safetensors")).unwrap());
+    let (_, unet) = load_unet::<B>(
+        &ModelSource::dir(fixture(name)),
+        "unet",
+        &Default::default(),
+    )
+    .unwrap();
+    let cfg = instaflow::ddim::SchedulerConfig::default();
+    let taus: Vec<f32> = instaflow::dpm_solver::timesteps(&cfg, 5)
+        .into_iter()
+        .map(|t| t as f32)
+        .collect();
+    assert_eq!(
+        taus,
+        g.f32::<1>("timesteps").into_data().to_vec::<f32>().unwrap()
+    );
+    let out = instaflow::dpm_solver::dpm_solver_sample(
+        &unet,
+        g.f32("noise"),
+        &g.f32("text"),
+        &g.f32("negative"),
+        1.5,
+        5,
+        &cfg,
+    );
+    check(
+        name,
+        "DPM-Solver++ 2M 5 steps, α = 1.5",
+        max_abs_diff(out, g.f32("latents")),
+        1e-4,
+    );
+}

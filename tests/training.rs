@@ -287,7 +287,7 @@ fn reflow_resumes_after_kill_9_without_gaps_or_duplicates() {
 }
 
 #[test]
-fn reflow_from_an_epsilon_sd_teacher_with_ddim_and_a_jsonl_prompt_set() {
+fn reflow_from_an_epsilon_sd_teacher_with_ddim_or_dpm_solver_and_a_jsonl_prompt_set() {
     let dir = temp_dir("ddim");
     // The tiny SD-structured parity model plus the tokenizer.
     for part in ["unet", "vae", "text_encoder"] {
@@ -332,6 +332,31 @@ fn reflow_from_an_epsilon_sd_teacher_with_ddim_and_a_jsonl_prompt_set() {
     let plan: serde_json::Value =
         serde_json::from_slice(&std::fs::read(pairs.join("pairs.json")).unwrap()).unwrap();
     assert_eq!(plan["prompts"][1], "a blue car");
+    // The paper's teacher solver: DPM-Solver++ (2M).
+    let stdout = ok(instaflow()
+        .args(["reflow", "--pairs", "3", "--solver", "dpm:3"])
+        .arg("--model")
+        .arg(dir.join("sd"))
+        .arg("--prompts")
+        .arg(&prompts)
+        .arg("--out")
+        .arg(dir.join("pairs-dpm"))
+        .output()
+        .unwrap());
+    assert!(stdout.contains("holds 3/3 pairs"), "{stdout}");
+    fails(
+        instaflow()
+            .args(["reflow", "--solver", "dpm:0"])
+            .arg("--model")
+            .arg(dir.join("sd"))
+            .arg("--prompts")
+            .arg(&prompts)
+            .arg("--out")
+            .arg(&pairs)
+            .output()
+            .unwrap(),
+        "dpm needs a positive step count",
+    );
     fails(
         instaflow()
             .args(["reflow", "--solver", "ddim:x"])

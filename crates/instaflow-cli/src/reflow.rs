@@ -41,9 +41,10 @@ pub struct ReflowArgs {
     #[arg(long, default_value = "0/1")]
     shard: String,
     /// ODE solver: `euler:N` (N steps) or `rk45:TOL` (adaptive Dormand–Prince, rtol = atol = TOL)
-    /// for rectified-flow teachers; `ddim:N` for ε-prediction Stable Diffusion teachers (the
-    /// probability-flow ODE by deterministic DDIM, settings from scheduler/scheduler_config.json,
-    /// else SD 1.5's) — how InstaFlow makes its 1-RF pairs from SD 1.5.
+    /// for rectified-flow teachers; `dpm:N` or `ddim:N` for ε-prediction Stable Diffusion
+    /// teachers (the probability-flow ODE by DPM-Solver++ 2M — what the InstaFlow paper used for
+    /// its SD 1.5 pairs, e.g. dpm:25 — or by deterministic DDIM; settings from
+    /// scheduler/scheduler_config.json, else SD 1.5's).
     #[arg(long, default_value = "euler:25")]
     solver: String,
     /// Guidance α of the teacher (1 = plain conditional).
@@ -67,16 +68,32 @@ pub enum TeacherSolver {
     Flow(Solver),
     /// An ε-prediction SD teacher through deterministic DDIM with this many steps.
     Ddim(usize),
+    /// An ε-prediction SD teacher through DPM-Solver++ (2M) with this many steps.
+    Dpm(usize),
 }
 
-/// Parse `euler:N`, `rk45:TOL` or `ddim:N`.
+impl TeacherSolver {
+    /// The ε-prediction scheduler's step count, if this is one.
+    fn sd_steps(self) -> Option<usize> {
+        match self {
+            Self::Ddim(n) | Self::Dpm(n) => Some(n),
+            Self::Flow(_) => None,
+        }
+    }
+}
+
+/// Parse `euler:N`, `rk45:TOL`, `dpm:N` or `ddim:N`.
 pub fn parse_solver(s: &str) -> Result<TeacherSolver> {
     let (name, arg) = s.split_once(':').unwrap_or((s, ""));
-    if name == "ddim" {
+    if name == "ddim" || name == "dpm" {
         let steps: usize = arg.parse().ok().filter(|&n| n > 0).with_context(|| {
-            format!("--solver {s}: ddim needs a positive step count, e.g. ddim:25")
+            format!("--solver {s}: {name} needs a positive step count, e.g. {name}:25")
         })?;
-        return Ok(TeacherSolver::Ddim(steps));
+        return Ok(if name == "dpm" {
+            TeacherSolver::Dpm(steps)
+        } else {
+            TeacherSolver::Ddim(steps)
+        });
     }
     parse_flow_solver(s).map(TeacherSolver::Flow)
 }
@@ -107,7 +124,7 @@ fn parse_flow_solver(s: &str) -> Result<Solver> {
                 max_steps: 1000,
             }))
         }
-        _ => bail!("--solver {s}: expected euler:N, rk45:TOL or ddim:N"),
+        _ => bail!("--solver {s}: expected euler:N, rk45:TOL, dpm:N or ddim:N"),
     }
 }
 
@@ -207,7 +224,7 @@ fn pairs<B: Backend>(
     );
     let negative_one = pipe.encode_prompts(&[""], device)?;
     let scheduler = match solver {
-        TeacherSolver::Ddim(_) => {
+        TeacherSolver::Ddim(_) | TeacherSolver::Dpm(_) => {
             let source = ModelSource::dir(&args.model);
             let cfg = if source.exists("scheduler/scheduler_config.json") {
                 instaflow::pipeline::read_config::<instaflow::ddim::SchedulerConfig>(
@@ -245,19 +262,17 @@ fn pairs<B: Backend>(
                     nfe += sol.nfe;
                     sol.x
                 }
-                (TeacherSolver::Ddim(steps), Some(cfg)) => {
+                (sd, Some(cfg)) => {
+                    let steps = sd.sd_steps().expect("an ε-prediction scheduler");
                     nfe += steps * if args.guidance == 1.0 { 1 } else { 2 };
-                    instaflow::ddim::ddim_sample(
-                        &pipe.unet,
-                        z0,
-                        &text,
-                        &negative,
-                        args.guidance,
-                        steps,
-                        cfg,
-                    )
+                    let sample = if matches!(sd, TeacherSolver::Dpm(_)) {
+                        instaflow::dpm_solver::dpm_solver_sample
+                    } else {
+                        instaflow::ddim::ddim_sample
+                    };
+                    sample(&pipe.unet, z0, &text, &negative, args.guidance, steps, cfg)
                 }
-                (TeacherSolver::Ddim(_), None) => unreachable!("scheduler read above"),
+                (_, None) => unreachable!("scheduler read above"),
             };
             out.extend(
                 x.into_data()

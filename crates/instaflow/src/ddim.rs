@@ -29,9 +29,6 @@ fn default_offset() -> usize {
 fn default_prediction() -> String {
     "epsilon".into()
 }
-fn default_spacing() -> String {
-    "leading".into()
-}
 
 /// The fields of `scheduler/scheduler_config.json` DDIM needs (defaults: SD 1.5's).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -57,9 +54,10 @@ pub struct SchedulerConfig {
     /// Whether ᾱ before the first step is 1 (else ᾱ_0).
     #[serde(default)]
     pub set_alpha_to_one: bool,
-    /// `leading` (SD) or `trailing`.
-    #[serde(default = "default_spacing")]
-    pub timestep_spacing: String,
+    /// `leading`, `trailing` or `linspace`; absent: each scheduler's own default (DDIM's is
+    /// `leading`, DPM-Solver's `linspace`, as in diffusers).
+    #[serde(default)]
+    pub timestep_spacing: Option<String>,
 }
 
 impl Default for SchedulerConfig {
@@ -83,10 +81,11 @@ impl SchedulerConfig {
                 self.beta_schedule
             ));
         }
-        if !["leading", "trailing"].contains(&self.timestep_spacing.as_str()) {
+        if let Some(spacing) = &self.timestep_spacing
+            && !["leading", "trailing", "linspace"].contains(&spacing.as_str())
+        {
             return Err(format!(
-                "timestep_spacing {:?}: expected leading or trailing",
-                self.timestep_spacing
+                "timestep_spacing {spacing:?}: expected leading, trailing or linspace"
             ));
         }
         Ok(())
@@ -109,10 +108,29 @@ impl SchedulerConfig {
             .collect()
     }
 
-    /// The `steps` inference timesteps, from noisiest to cleanest.
+    /// The configured timestep spacing, or `default` when the config names none.
+    pub fn spacing<'a>(&'a self, default: &'a str) -> &'a str {
+        self.timestep_spacing.as_deref().unwrap_or(default)
+    }
+
+    /// σ_τ = √((1−ᾱ_τ)/ᾱ_τ), the noise level of the variance-exploding view of timestep τ.
+    pub fn sigma(&self, tau: usize) -> f64 {
+        let ac = self.alphas_cumprod();
+        let a = ac[tau.min(ac.len() - 1)];
+        ((1.0 - a) / a).sqrt()
+    }
+
+    /// DDIM's `steps` inference timesteps, from noisiest to cleanest.
     pub fn timesteps(&self, steps: usize) -> Vec<usize> {
         let t = self.num_train_timesteps;
-        match self.timestep_spacing.as_str() {
+        match self.spacing("leading") {
+            "linspace" => (0..steps)
+                .rev()
+                .map(|i| {
+                    (i as f64 * (t - 1) as f64 / (steps - 1).max(1) as f64).round_ties_even()
+                        as usize
+                })
+                .collect(),
             "trailing" => {
                 let ratio = t as f64 / steps as f64;
                 (0..steps)

@@ -29,6 +29,7 @@ pub mod classifier;
 pub mod convert;
 pub mod data;
 pub mod ddim;
+pub mod dpm_solver;
 pub mod flow;
 pub mod kernels;
 pub mod losses;
