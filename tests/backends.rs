@@ -25,11 +25,7 @@ fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 
 fn assert_close(name: &str, a: &[f32], b: &[f32], tol: f32) {
     assert_eq!(a.len(), b.len(), "{name}: lengths");
-    let max = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max);
+    let max = common::max_abs_diff(a, b);
     let scale = a.iter().map(|x| x.abs()).fold(1.0f32, f32::max);
     assert!(
         max <= tol * scale,

@@ -28,3 +28,19 @@ pub fn golden(config: &str, key: &str) -> (Vec<usize>, Vec<f32>) {
         .collect();
     (t.shape().to_vec(), values)
 }
+
+/// The largest |a − b| over two equally long slices; NaN if any difference is NaN (a fold with
+/// `f32::max` would skip NaN and let an all-NaN result pass).
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, |m, d| {
+            if d.is_nan() || m.is_nan() {
+                f32::NAN
+            } else {
+                m.max(d)
+            }
+        })
+}

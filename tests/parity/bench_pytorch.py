@@ -24,24 +24,28 @@ def flops(fn):
     return mode.get_total_flops()
 
 
-def end_to_end(folder, prompt, batch, out):
+def end_to_end(folder, prompt, batch, out, device="cpu", dtype=torch.float32):
     """Load a diffusers folder, encode, one Euler step of the rectified flow, decode, write PNGs:
     what `instaflow generate --model DIR` does. Returns (seconds, seconds per stage)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     start = time.perf_counter()
     tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=torch.float32).eval()
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32).eval()
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32).eval()
+    text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype).eval().to(device)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype).eval().to(device)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype).eval().to(device)
+    sync()
     load = time.perf_counter()
     ids = tok([prompt] * batch, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    emb = text(ids).last_hidden_state
+    emb = text(ids.to(device)).last_hidden_state
+    sync()
     encoded = time.perf_counter()
     s = unet.config.sample_size
-    z = torch.randn(batch, 4, s, s, generator=torch.Generator().manual_seed(0))
-    z = z + unet(z, torch.tensor([1000.0]), encoder_hidden_states=emb).sample
+    z = torch.randn(batch, 4, s, s, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    z = z + unet(z, torch.tensor([1000.0], device=device), encoder_hidden_states=emb).sample
+    sync()
     stepped = time.perf_counter()
     image = vae.decode(z / vae.config.scaling_factor).sample
-    pixels = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    pixels = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     decoded = time.perf_counter()
     for i, p in enumerate(pixels):
         Image.fromarray(np.ascontiguousarray(p)).save(f"{out}-{i}.png")
@@ -72,13 +76,18 @@ def main():
     ap.add_argument("--model", help="a diffusers folder: time the end-to-end InstaFlow loop on it instead")
     ap.add_argument("--batch", type=int, default=1, help="images per end-to-end run")
     ap.add_argument("--out", default="/tmp/pytorch-e2e", help="PNG path prefix of the end-to-end run")
+    ap.add_argument("--device", default="cpu", help="end to end on this torch device (cpu, cuda)")
+    ap.add_argument("--dtype", default="f32", choices=["f32", "f16"], help="end-to-end weights and compute")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.model:
-        runs = [end_to_end(args.model, "a photo of a cat", args.batch, args.out) for _ in range(max(args.repeats, 1))]
+        dtype = torch.float16 if args.dtype == "f16" else torch.float32
+        runs = [end_to_end(args.model, "a photo of a cat", args.batch, args.out, args.device, dtype)
+                for _ in range(max(args.repeats, 1))]
         runs.sort(key=lambda r: r[0])
         total, stages = runs[len(runs) // 2]
         print(json.dumps({"end_to_end_s": total, "stages_s": stages, "batch": args.batch,
+                          "device": args.device, "dtype": args.dtype,
                           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}, indent=2))
         return
     text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,

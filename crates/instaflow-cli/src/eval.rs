@@ -194,14 +194,17 @@ fn evaluate<B: AutodiffBackend>(
                 .collect()
         })
         .collect();
+    // Classes in turn, skipping those without items.
+    let present: Vec<usize> = (0..k).filter(|&c| !by_class[c].is_empty()).collect();
+    ensure!(
+        !present.is_empty(),
+        "--data {}: it names {k} classes but no item has a class label",
+        args.data.display()
+    );
     let mut labels = Vec::with_capacity(n);
     let mut prompts = Vec::with_capacity(n);
     for i in 0..n {
-        let c = (0..k)
-            .cycle()
-            .filter(|&c| !by_class[c].is_empty())
-            .nth(i)
-            .expect("a labelled class");
+        let c = present[i % present.len()];
         let item = by_class[c][rng.random_range(0..by_class[c].len())];
         labels.push(c);
         prompts.push(data.caption(item, &mut rng).to_string());

@@ -85,8 +85,23 @@ fn keep_freed_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn keep_freed_memory() {}
 
+/// Without `XDG_RUNTIME_DIR` no Wayland display can be reached, yet probing Vulkan adapters (Mesa's
+/// window-system code) asks libwayland for the default one, which prints "error: XDG_RUNTIME_DIR
+/// is invalid or not set" on every successful run of a headless machine. Naming an absolute,
+/// absent display makes that attempt fail silently; with a runtime dir nothing is changed.
+fn quiet_headless_wayland() {
+    let relative = |v: std::ffi::OsString| !std::path::Path::new(&v).is_absolute();
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none()
+        && std::env::var_os("WAYLAND_DISPLAY").is_none_or(relative)
+    {
+        // SAFETY: runs first in main, before any thread exists.
+        unsafe { std::env::set_var("WAYLAND_DISPLAY", "/nonexistent/wayland-0") };
+    }
+}
+
 fn main() -> ExitCode {
     keep_freed_memory();
+    quiet_headless_wayland();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(cli.backend, args),

@@ -137,12 +137,24 @@ pub fn init_components<B: Backend>(
     let unet = unet_config
         .init::<B>(device)
         .map_err(unsupported(source, "unet"))?;
-    let (vae, vae_scale) = if source.has_dir("vae") {
-        let cfg: AutoencoderKLConfig = read_config(source, "vae")?;
-        let vae = cfg.init::<B>(device).map_err(unsupported(source, "vae"))?;
-        (Some(vae), 1 << (cfg.block_out_channels.len() - 1))
+    let vae_cfg = if source.has_dir("vae") {
+        Some(read_config::<AutoencoderKLConfig>(source, "vae")?)
     } else {
-        (None, 1)
+        None
+    };
+    check_components(
+        source,
+        &tokenizer,
+        &text_cfg,
+        &unet_config,
+        vae_cfg.as_ref(),
+    )?;
+    let (vae, vae_scale) = match vae_cfg {
+        Some(cfg) => {
+            let vae = cfg.init::<B>(device).map_err(unsupported(source, "vae"))?;
+            (Some(vae), 1 << (cfg.block_out_channels.len() - 1))
+        }
+        None => (None, 1),
     };
     Ok(InstaFlowPipeline {
         tokenizer,
@@ -152,6 +164,93 @@ pub fn init_components<B: Backend>(
         unet_config,
         vae_scale,
     })
+}
+
+/// The components of one folder must fit together: what one produces, the next must take. Checked
+/// from the configs before any weight is read (a mismatch would otherwise fail mid-generation).
+fn check_components(
+    source: &ModelSource,
+    tokenizer: &ClipTokenizer,
+    text: &ClipTextConfig,
+    unet: &UNet2DConditionConfig,
+    vae: Option<&AutoencoderKLConfig>,
+) -> Result<(), LoadError> {
+    let fail = |dir: &str, message: String| LoadError::Config {
+        path: source.display(&format!("{dir}/config.json")),
+        message,
+    };
+    if text.max_position_embeddings < crate::tokenizer::MAX_LENGTH {
+        return Err(fail(
+            "text_encoder",
+            format!(
+                "max_position_embeddings {} is shorter than the {} tokens of a prompt",
+                text.max_position_embeddings,
+                crate::tokenizer::MAX_LENGTH
+            ),
+        ));
+    }
+    let top = tokenizer.max_id() as usize;
+    if top >= text.vocab_size {
+        return Err(fail(
+            "text_encoder",
+            format!(
+                "vocab_size {} is too small for the tokenizer, whose ids go up to {top}",
+                text.vocab_size
+            ),
+        ));
+    }
+    let blocks = unet.block_out_channels.len();
+    let cross = unet
+        .cross_attention_dim
+        .per_block(blocks, "cross_attention_dim")
+        .map_err(|e| fail("unet", e.to_string()))?;
+    if let Some(&d) = cross.iter().find(|&&d| d != text.hidden_size) {
+        return Err(fail(
+            "unet",
+            format!(
+                "cross_attention_dim {d} does not match the text encoder's hidden_size {}",
+                text.hidden_size
+            ),
+        ));
+    }
+    let (image_channels, what) = match vae {
+        Some(vae) => {
+            if unet.in_channels != vae.latent_channels || unet.out_channels != vae.latent_channels {
+                return Err(fail(
+                    "unet",
+                    format!(
+                        "in_channels {} / out_channels {} do not match the VAE's latent_channels {}",
+                        unet.in_channels, unet.out_channels, vae.latent_channels
+                    ),
+                ));
+            }
+            (vae.out_channels, "vae")
+        }
+        None => {
+            if unet.in_channels != unet.out_channels {
+                return Err(fail(
+                    "unet",
+                    format!(
+                        "in_channels {} differs from out_channels {}: a model without vae/ samples images in the UNet's own channels",
+                        unet.in_channels, unet.out_channels
+                    ),
+                ));
+            }
+            (unet.out_channels, "unet")
+        }
+    };
+    if image_channels != 1 && image_channels != 3 {
+        let hint = if vae.is_none() {
+            " (a latent-space model needs its vae/ folder)"
+        } else {
+            ""
+        };
+        return Err(fail(
+            what,
+            format!("out_channels {image_channels}: images need 1 or 3 channels{hint}"),
+        ));
+    }
+    Ok(())
 }
 
 impl<B: Backend> VelocityField<B, 4> for UNet2DConditionModel<B> {
@@ -381,6 +480,85 @@ pub async fn to_rgba8_async<B: Backend>(pixels: Tensor<B, 4>) -> Result<Vec<Vec<
 mod tests {
     use super::*;
     use crate::test_util::{TB, device};
+
+    /// Edit `dir/config.json` of a copy of the parity model, then build its components.
+    fn with_config(tag: &str, dir: &str, edit: &[(&str, serde_json::Value)]) -> String {
+        let source = crate::test_util::parity_folder("conv-f32", tag);
+        let path = source.path(&format!("{dir}/config.json")).unwrap();
+        let mut cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        for (k, v) in edit {
+            cfg[*k] = v.clone();
+        }
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        match init_components::<TB>(&source, &device()) {
+            Ok(_) => "ok".into(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn components_that_do_not_fit_together_are_refused_from_their_configs() {
+        use serde_json::json;
+        assert_eq!(with_config("fit-ok", "unet", &[]), "ok");
+        let cases = [
+            // (edited file, key, value, message, file the message names)
+            (
+                "unet",
+                "cross_attention_dim",
+                json!(7),
+                "cross_attention_dim 7 does not match",
+                "unet",
+            ),
+            (
+                "unet",
+                "in_channels",
+                json!(3),
+                "do not match the VAE's latent_channels",
+                "unet",
+            ),
+            (
+                "vae",
+                "latent_channels",
+                json!(8),
+                "the VAE's latent_channels 8",
+                "unet",
+            ),
+            (
+                "vae",
+                "out_channels",
+                json!(4),
+                "out_channels 4: images need 1 or 3",
+                "vae",
+            ),
+            (
+                "text_encoder",
+                "max_position_embeddings",
+                json!(16),
+                "shorter than the 77",
+                "text_encoder",
+            ),
+            (
+                "text_encoder",
+                "vocab_size",
+                json!(1000),
+                "vocab_size 1000 is too small",
+                "text_encoder",
+            ),
+        ];
+        for (i, (dir, key, value, want, named)) in cases.into_iter().enumerate() {
+            let err = with_config(&format!("fit-{i}"), dir, &[(key, value)]);
+            assert!(err.contains(want), "{dir}.{key}: {err}");
+            assert!(err.contains(&format!("{named}/config.json")), "{err}");
+        }
+        // A latent-space model without its VAE would write latents as a picture.
+        let source = crate::test_util::parity_folder("conv-f32", "fit-novae");
+        std::fs::remove_dir_all(source.path("vae").unwrap()).unwrap();
+        let err = init_components::<TB>(&source, &device())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs its vae/ folder"), "{err}");
+    }
 
     #[test]
     fn rgb_and_rgba_agree() {

@@ -312,7 +312,13 @@ mod tests {
             .iter()
             .zip(x0)
             .map(|(g, a)| (*g as f64 - exact(a as f64, 1.0)).abs())
-            .fold(0.0, f64::max);
+            .fold(0.0, |m: f64, d| {
+                if d.is_nan() || m.is_nan() {
+                    f64::NAN
+                } else {
+                    m.max(d)
+                }
+            });
         (err, sol.nfe)
     }
 

@@ -50,3 +50,26 @@ pub fn parity_folder(name: &str, tag: &str) -> crate::source::ModelSource {
     }
     crate::source::ModelSource::dir(dir)
 }
+
+/// The largest |a − b| over two equally long slices; NaN if any difference is NaN (a fold with
+/// `f32::max` would skip NaN and let an all-NaN result pass).
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, |m, d| {
+            if d.is_nan() || m.is_nan() {
+                f32::NAN
+            } else {
+                m.max(d)
+            }
+        })
+}
+
+#[test]
+fn max_abs_diff_does_not_hide_nan() {
+    assert_eq!(max_abs_diff(&[1.0, 2.0], &[1.5, 2.0]), 0.5);
+    assert!(max_abs_diff(&[f32::NAN, 2.0], &[1.0, 2.0]).is_nan());
+    assert!(max_abs_diff(&[1.0, f32::NAN], &[1.0, f32::NAN]).is_nan());
+}

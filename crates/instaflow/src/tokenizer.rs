@@ -188,6 +188,17 @@ impl ClipTokenizer {
         })
     }
 
+    /// The largest token id this tokenizer can produce.
+    pub fn max_id(&self) -> u32 {
+        self.inner
+            .get_vocab(true)
+            .values()
+            .copied()
+            .chain([self.bos, self.eos, self.pad])
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Id of the padding token.
     pub fn pad_id(&self) -> u32 {
         self.pad

@@ -807,11 +807,7 @@ mod tests {
             };
             let a = to_vec(pipe.unet.velocity(z.clone(), t.clone(), &text));
             let b = to_vec(model.velocity(z, t, &ids));
-            let err = a
-                .iter()
-                .zip(&b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0.0, f32::max);
+            let err = crate::test_util::max_abs_diff(&a, &b);
             let tol = if half { 5e-2 } else { 1e-5 };
             assert!(err < tol, "half={half}: max difference {err}");
         }

@@ -67,8 +67,27 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
         path.file_name().unwrap_or_default().to_string_lossy(),
         std::process::id()
     ));
-    std::fs::write(&tmp, bytes).map_err(|e| write_err(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| write_err(path, e))
+    // Data on disk before the rename (else a power cut can leave an empty file under the final
+    // name); the temporary file is removed when anything fails, e.g. a full disk.
+    let written = (|| {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(write_err(&tmp, e));
+    }
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(write_err(path, e));
+    }
+    // The rename itself is durable once the folder is synced (not possible on every platform).
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 /// Captions and class of one image.
@@ -278,6 +297,27 @@ pub fn package_dir(path: &Path, marker: &str) -> Result<PathBuf, DataError> {
 mod tests {
     use super::*;
     use crate::test_util::{TB, device, to_vec};
+
+    #[test]
+    fn a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary() {
+        let dir = std::env::temp_dir().join(format!("instaflow-atomic-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("busy/inner")).unwrap();
+        write_atomic(&dir.join("a.json"), b"old").unwrap();
+        write_atomic(&dir.join("a.json"), b"new").unwrap();
+        assert_eq!(std::fs::read(dir.join("a.json")).unwrap(), b"new");
+        // A non-empty folder under the target name: the rename fails.
+        let err = write_atomic(&dir.join("busy"), b"x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("busy"), "{err}");
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.contains(".tmp-")), "{names:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn tiny() -> ImageTextDataset {
         ImageTextDataset {

@@ -292,11 +292,7 @@ mod tests {
         let chunked = to_vec(scaled_dot_product(q.clone(), k.clone(), v.clone(), None));
         let scores = q.matmul(k.swap_dims(2, 3)) / (8f64).sqrt();
         let direct = to_vec(softmax(scores, 3).matmul(v));
-        let max = chunked
-            .iter()
-            .zip(&direct)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let max = crate::test_util::max_abs_diff(&chunked, &direct);
         assert!(max < 1e-5, "{max}");
     }
 }

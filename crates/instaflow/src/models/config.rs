@@ -44,6 +44,25 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// Group counts and channel counts a config declares must be positive (a zero divides by zero or
+/// builds an empty layer).
+pub fn positive_sizes(
+    norm_num_groups: usize,
+    block_out_channels: &[usize],
+) -> Result<(), ConfigError> {
+    if norm_num_groups == 0 {
+        return Err(ConfigError::Invalid(
+            "norm_num_groups is 0: it must be a positive number of groups".into(),
+        ));
+    }
+    if let Some(i) = block_out_channels.iter().position(|&c| c == 0) {
+        return Err(ConfigError::Invalid(format!(
+            "block_out_channels[{i}] is 0: every block needs channels"
+        )));
+    }
+    Ok(())
+}
+
 /// Fail with [`ConfigError::Unsupported`] unless `ok`.
 pub fn require(
     ok: bool,
@@ -59,5 +78,32 @@ pub fn require(
             value: format!("{value:?}"),
             supported,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::models::unet_2d::UNet2DConditionConfig;
+    use crate::models::vae::AutoencoderKLConfig;
+    use crate::test_util::{TB, device};
+
+    #[test]
+    fn zero_groups_or_channels_are_refused_not_divided_by() {
+        let unet = UNet2DConditionConfig {
+            norm_num_groups: 0,
+            ..Default::default()
+        };
+        let err = unet.init::<TB>(&device()).unwrap_err().to_string();
+        assert!(err.contains("norm_num_groups is 0"), "{err}");
+        let mut unet = UNet2DConditionConfig::default();
+        unet.block_out_channels[1] = 0;
+        let err = unet.init::<TB>(&device()).unwrap_err().to_string();
+        assert!(err.contains("block_out_channels[1] is 0"), "{err}");
+        let vae = AutoencoderKLConfig {
+            norm_num_groups: 0,
+            ..Default::default()
+        };
+        let err = vae.init::<TB>(&device()).unwrap_err().to_string();
+        assert!(err.contains("norm_num_groups is 0"), "{err}");
     }
 }

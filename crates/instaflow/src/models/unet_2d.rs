@@ -7,7 +7,7 @@ use burn::tensor::{Tensor, backend::Backend};
 use serde::Deserialize;
 
 use super::attention::TransformerSettings;
-use super::config::{ConfigError, OneOrMany, require};
+use super::config::{ConfigError, OneOrMany, positive_sizes, require};
 use super::embeddings::{TimestepEmbedding, timestep_embedding};
 use super::resnet::{ResnetSettings, conv2d, group_norm};
 use super::unet_2d_blocks::{BlockSettings, DownBlock2D, MidBlock2DCrossAttn, UpBlock2D};
@@ -287,6 +287,7 @@ impl UNet2DConditionConfig {
             .as_ref()
             .unwrap_or(&self.attention_head_dim)
             .per_block(n, "num_attention_heads")?;
+        positive_sizes(self.norm_num_groups, &self.block_out_channels)?;
         for (i, (&h, &c)) in heads.iter().zip(&self.block_out_channels).enumerate() {
             if h == 0 || c % h != 0 {
                 return Err(ConfigError::Invalid(format!(

@@ -7,7 +7,7 @@ use burn::tensor::{Tensor, backend::Backend};
 use serde::Deserialize;
 
 use super::attention::{merge_heads, scaled_dot_product, split_heads};
-use super::config::{ConfigError, require};
+use super::config::{ConfigError, positive_sizes, require};
 use super::resnet::{ResnetBlock2D, ResnetSettings, conv2d, group_norm};
 use super::unet_2d_blocks::CoderBlock2D;
 use crate::kernels;
@@ -109,6 +109,7 @@ impl AutoencoderKLConfig {
             self.shift_factor,
             "null",
         )?;
+        positive_sizes(self.norm_num_groups, &self.block_out_channels)?;
         for &c in &self.block_out_channels {
             if c % self.norm_num_groups != 0 {
                 return Err(ConfigError::Invalid(format!(

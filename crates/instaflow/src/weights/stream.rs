@@ -542,13 +542,7 @@ mod tests {
             let streamed = load_dir_streaming::<TB>(&source, &device(), 1024, true).unwrap();
             // Same weights; the streamed Linear weights are transposed views, the whole-file
             // loader's are contiguous, so products sum in another order (float rounding only).
-            let (a, b) = (latents(&whole), latents(&streamed));
-            assert_eq!(a.len(), b.len());
-            let worst = a
-                .iter()
-                .zip(&b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0.0f32, |m, d| if d.is_nan() || d > m { d } else { m });
+            let worst = crate::test_util::max_abs_diff(&latents(&whole), &latents(&streamed));
             assert!(worst <= 1e-5, "{name}: max |Δ| {worst}");
         }
     }

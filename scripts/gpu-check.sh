@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# One short check on a machine with an NVIDIA GPU (under 8 minutes once built):
+#  1. builds the CLI with CUDA (the default features) unless BIN names a built one;
+#  2. numerics: the parity model's latents from `generate` on cuda and wgpu (f32) against the CPU
+#     backend, whose numbers the parity tests hold to diffusers — same noise, same prompt;
+#  3. speed and memory: one-step 512² on a random SD-1.5-size folder, f32 and f16, on cuda and
+#     wgpu, and PyTorch + diffusers on the same GPU when a Python with them is given (PYTHON=…);
+# and prints one table.
+#   scripts/gpu-check.sh            # BIN=path/to/instaflow to skip the build
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT_DIR:-target/gpu-check}
+mkdir -p "$out"
+bin=${BIN:-}
+if [ -z "$bin" ]; then
+    cargo build --release --locked -q -p instaflow-cli
+    bin=./target/release/instaflow
+fi
+$bin backends | tee "$out/backends.txt"
+
+# 2. numerics on the parity model (tokenizer from assets/).
+model="$out/parity-model"
+rm -rf "$model" && mkdir -p "$model/tokenizer"
+cp -r tests/fixtures/parity/conv-f32/{unet,vae,text_encoder,model_index.json} "$model/"
+cp assets/clip-tokenizer/{vocab.json,merges.txt} "$model/tokenizer/"
+rows=()
+for backend in cpu cuda wgpu; do
+    if $bin --backend "$backend" generate "a red heart" --model "$model" --seed 3 --steps 2 \
+        --out "$out/parity-$backend.png" --save-latents "$out/parity-$backend.safetensors" \
+        >/dev/null 2>"$out/parity-$backend.err"; then
+        rows+=("$backend")
+    else
+        echo "parity on $backend: failed ($(tail -1 "$out/parity-$backend.err"))"
+    fi
+done
+python3 - "$out" "${rows[@]}" <<'EOF'
+import json, struct, sys
+out, backends = sys.argv[1], sys.argv[2:]
+def latents(b):
+    raw = open(f"{out}/parity-{b}.safetensors", "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    h = json.loads(raw[8:8 + n])["latents"]
+    s, e = h["data_offsets"]
+    data = raw[8 + n + s:8 + n + e]
+    return struct.unpack(f"<{len(data) // 4}f", data)
+ref = latents("cpu")
+for b in backends:
+    if b != "cpu":
+        d = max(abs(x - y) for x, y in zip(ref, latents(b)))
+        print(f"parity {b:5} vs cpu: max |Δ| latents {d:.2e}  ({'ok' if d <= 1e-3 else 'FAIL'} at 1e-3)")
+EOF
+
+# 3. one-step 512² on an SD-1.5-size folder.
+sd=${SD:-$out/sd15-random-f32}
+[ -f "$sd/model_index.json" ] || $bin random-model --preset sd15 --dtype f32 --seed 1 --out "$sd" >/dev/null
+printf '\n%-8s %-9s %9s %9s %9s %9s %11s\n' backend precision load_s text_s unet_s vae_s weights_GB
+for backend in cuda wgpu; do
+    for precision in f32 f16; do
+        for run in warmup timed; do
+            $bin --backend "$backend" generate "a photo of a cat" --model "$sd" --precision "$precision" \
+                --json --out "$out/sd-$backend-$precision.png" >"$out/sd-$backend-$precision.json" \
+                2>"$out/sd-$backend-$precision.err" || { echo "$backend $precision: failed ($(tail -1 "$out/sd-$backend-$precision.err"))"; break; }
+        done
+        [ -s "$out/sd-$backend-$precision.json" ] && python3 -c "
+import json,sys; d=json.load(open(sys.argv[1])); t=d['timings_ms']; m=d.get('device_memory_bytes') or {}
+print(f\"{sys.argv[2]:8} {sys.argv[3]:9} {t['load']/1e3:9.2f} {t['text_encode']/1e3:9.3f} {sum(t['unet_steps'])/1e3:9.3f} {t['decode']/1e3:9.3f} {(m.get('weights') or 0)/1e9:11.2f}\")
+print(f\"{'':8} peak device memory in use {(m.get('peak_in_use') or 0)/1e9:.2f} GB, reserved {(m.get('peak_reserved') or 0)/1e9:.2f} GB\")" \
+            "$out/sd-$backend-$precision.json" "$backend" "$precision" || true
+    done
+done
+if [ -n "${PYTHON:-}" ] && $PYTHON -c "import torch, diffusers; assert torch.cuda.is_available()" 2>/dev/null; then
+    for dtype in f32 f16; do
+        # Median of three runs.
+        $PYTHON tests/parity/bench_pytorch.py --model "$sd" --batch 1 --device cuda --dtype "$dtype" \
+            --repeats 3 --out "$out/pytorch-$dtype" || echo "PyTorch $dtype: failed"
+    done
+else
+    echo "PyTorch on the GPU: skipped (set PYTHON to a Python with torch (CUDA) and diffusers)"
+fi
