@@ -113,11 +113,15 @@ impl SchedulerConfig {
         self.timestep_spacing.as_deref().unwrap_or(default)
     }
 
-    /// σ_τ = √((1−ᾱ_τ)/ᾱ_τ), the noise level of the variance-exploding view of timestep τ.
-    pub fn sigma(&self, tau: usize) -> f64 {
+    /// σ_τ = √((1−ᾱ_τ)/ᾱ_τ) for each of `taus`: the noise levels of the variance-exploding view.
+    pub fn sigmas(&self, taus: &[usize]) -> Vec<f64> {
         let ac = self.alphas_cumprod();
-        let a = ac[tau.min(ac.len() - 1)];
-        ((1.0 - a) / a).sqrt()
+        taus.iter()
+            .map(|&tau| {
+                let a = ac[tau.min(ac.len() - 1)];
+                ((1.0 - a) / a).sqrt()
+            })
+            .collect()
     }
 
     /// DDIM's `steps` inference timesteps, from noisiest to cleanest.
@@ -148,6 +152,26 @@ impl SchedulerConfig {
     }
 }
 
+/// The UNet's ε at timestep `tau` for every sample of `x`, guided by `alpha`:
+/// `ε(∅) + α·(ε(text) − ε(∅))` (one evaluation when α = 1). Shared by the ε-prediction teachers.
+pub fn guided_epsilon<B: Backend>(
+    unet: &UNet2DConditionModel<B>,
+    x: &Tensor<B, 4>,
+    tau: usize,
+    text: &Tensor<B, 3>,
+    negative: &Tensor<B, 3>,
+    alpha: f64,
+) -> Tensor<B, 4> {
+    let n = x.dims()[0];
+    let ts = Tensor::<B, 1>::from_data(TensorData::new(vec![tau as f32; n], [n]), &x.device());
+    let eps_text = unet.forward(x.clone(), ts.clone(), text);
+    if alpha == 1.0 {
+        eps_text
+    } else {
+        guide(eps_text, unet.forward(x.clone(), ts, negative), alpha)
+    }
+}
+
 /// Deterministic DDIM from `noise` (x_T) with `steps` steps and guidance `alpha` on ε:
 /// `ε = ε(∅) + α·(ε(text) − ε(∅))`, `x0 = (x − √(1−ᾱ)ε)/√ᾱ`, `x ← √ᾱ_prev·x0 + √(1−ᾱ_prev)·ε`.
 pub fn ddim_sample<B: Backend>(
@@ -162,17 +186,9 @@ pub fn ddim_sample<B: Backend>(
     let ac = cfg.alphas_cumprod();
     let final_ac = if cfg.set_alpha_to_one { 1.0 } else { ac[0] };
     let ratio = cfg.num_train_timesteps / steps;
-    let n = noise.dims()[0];
-    let device = noise.device();
     let mut x = noise;
     for tau in cfg.timesteps(steps) {
-        let ts = Tensor::<B, 1>::from_data(TensorData::new(vec![tau as f32; n], [n]), &device);
-        let eps_text = unet.forward(x.clone(), ts.clone(), text);
-        let eps = if alpha == 1.0 {
-            eps_text
-        } else {
-            guide(eps_text, unet.forward(x.clone(), ts, negative), alpha)
-        };
+        let eps = guided_epsilon(unet, &x, tau, text, negative, alpha);
         let a_t = ac[tau.min(ac.len() - 1)];
         let a_prev = tau.checked_sub(ratio).map_or(final_ac, |p| ac[p]);
         let x0 = (x - eps.clone() * (1.0 - a_t).sqrt()) / a_t.sqrt();

@@ -11,11 +11,10 @@
 //! second order: D = x̂₀ + (x̂₀ − x̂₀_prev)·h/(2 h_prev), x ← (σ_t/σ_s) x − α_t (e^{−h} − 1) D
 //! ```
 
-use burn::tensor::{Tensor, TensorData, backend::Backend};
+use burn::tensor::{Tensor, backend::Backend};
 
-use crate::ddim::SchedulerConfig;
+use crate::ddim::{SchedulerConfig, guided_epsilon};
 use crate::models::UNet2DConditionModel;
-use crate::velocity::guide;
 
 /// The `steps` timesteps DPM-Solver visits, from noisiest to cleanest (its default spacing is
 /// `linspace`; numpy's round-half-to-even, as diffusers).
@@ -63,20 +62,12 @@ pub fn dpm_solver_sample<B: Backend>(
     cfg: &SchedulerConfig,
 ) -> Tensor<B, 4> {
     let taus = timesteps(cfg, steps);
-    let mut sigmas: Vec<f64> = taus.iter().map(|&tau| cfg.sigma(tau)).collect();
+    let mut sigmas = cfg.sigmas(&taus);
     sigmas.push(0.0);
-    let n = noise.dims()[0];
-    let device = noise.device();
     let mut x = noise;
     let mut previous: Option<Tensor<B, 4>> = None;
     for (i, &tau) in taus.iter().enumerate() {
-        let ts = Tensor::<B, 1>::from_data(TensorData::new(vec![tau as f32; n], [n]), &device);
-        let eps_text = unet.forward(x.clone(), ts.clone(), text);
-        let eps = if alpha == 1.0 {
-            eps_text
-        } else {
-            guide(eps_text, unet.forward(x.clone(), ts, negative), alpha)
-        };
+        let eps = guided_epsilon(unet, &x, tau, text, negative, alpha);
         let (a_s, s_s, l_s) = alpha_sigma_lambda(sigmas[i]);
         let x0 = (x.clone() - eps * s_s) / a_s;
         if sigmas[i + 1] == 0.0 {
@@ -121,7 +112,7 @@ mod tests {
     fn sigma_is_the_noise_to_signal_ratio() {
         let cfg = SchedulerConfig::default();
         let ac = cfg.alphas_cumprod();
-        let s = cfg.sigma(500);
+        let s = cfg.sigmas(&[500])[0];
         assert!((s * s - (1.0 - ac[500]) / ac[500]).abs() < 1e-12);
         let (a, sv, l) = alpha_sigma_lambda(s);
         assert!((a * a - ac[500]).abs() < 1e-12);
