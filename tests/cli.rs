@@ -493,6 +493,7 @@ fn hugging_face_ids_are_read_from_the_hub_cache() {
     ] {
         let r = instaflow()
             .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
             .current_dir(&out)
             .args([
                 "--backend",
@@ -511,6 +512,178 @@ fn hugging_face_ids_are_read_from_the_hub_cache() {
         assert!(err.contains(needle), "{model}: {err}");
     }
     std::fs::remove_dir_all(&cache).unwrap();
+}
+
+/// A local server with the Hugging Face Hub's layout (`/{repo}/resolve/{rev}/{file}`) and the
+/// headers downloads rely on (ETag, X-Repo-Commit, Range → 206 + Content-Range); it counts the body
+/// bytes it sends and records the paths asked for.
+struct HubServer {
+    url: String,
+    bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl HubServer {
+    fn start(repo: &'static str, folder: PathBuf) -> Self {
+        use std::sync::atomic::Ordering;
+        let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", server.server_addr().to_ip().unwrap());
+        let bytes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (count, log) = (bytes.clone(), asked.clone());
+        std::thread::spawn(move || {
+            let prefix = format!("/{repo}/resolve/main/");
+            for request in server.incoming_requests() {
+                let path = request.url().to_string();
+                log.lock().unwrap().push(path.clone());
+                let file = path.strip_prefix(&prefix).map(|f| folder.join(f));
+                let Some(Ok(body)) = file.filter(|f| f.is_file()).map(std::fs::read) else {
+                    let _ = request.respond(tiny_http::Response::empty(404));
+                    continue;
+                };
+                // A content hash as the ETag, as the Hub gives for LFS files.
+                let etag = body.iter().fold(0xcbf29ce484222325u64, |h, &b| {
+                    (h ^ b as u64).wrapping_mul(0x100000001b3)
+                });
+                let range = request
+                    .headers()
+                    .iter()
+                    .find(|h| h.field.equiv("Range"))
+                    .and_then(|h| h.value.as_str().strip_prefix("bytes="))
+                    .map(|r| r.to_string());
+                let size = body.len();
+                let (status, start, end) = match range.as_deref().and_then(|r| r.split_once('-')) {
+                    Some((a, b)) => {
+                        let a: usize = a.parse().unwrap();
+                        let b = b.parse::<usize>().map_or(size - 1, |b| b.min(size - 1));
+                        (206, a, b)
+                    }
+                    None => (200, 0, size - 1),
+                };
+                let part = body[start..=end].to_vec();
+                count.fetch_add(part.len() as u64, Ordering::SeqCst);
+                let header = |k: &str, v: String| tiny_http::Header::from_bytes(k, v).unwrap();
+                let response = tiny_http::Response::from_data(part)
+                    .with_status_code(status)
+                    .with_header(header("ETag", format!("\"{etag:016x}\"")))
+                    .with_header(header("X-Repo-Commit", "c0ffee".repeat(6) + "c0ff"))
+                    .with_header(header(
+                        "Content-Range",
+                        format!("bytes {start}-{end}/{size}"),
+                    ));
+                let _ = request.respond(response);
+            }
+        });
+        Self { url, bytes, asked }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.bytes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn hugging_face_ids_are_downloaded_into_the_hub_cache() {
+    let root = temp_dir("hub-download");
+    let origin = root.join("origin");
+    run_ok(
+        instaflow()
+            .args(["random-model", "--preset", "mini", "--seed", "3", "--out"])
+            .arg(&origin),
+    );
+    // Files a real repository has but generation does not read: never fetched.
+    std::fs::write(
+        origin.join("unet/diffusion_pytorch_model.bin"),
+        vec![7u8; 1 << 20],
+    )
+    .unwrap();
+    let hub = HubServer::start("someone/tiny-instaflow", origin.clone());
+    let cache = root.join("cache");
+    let generate = |model: &str, png: &str, env: &[(&str, &str)]| {
+        let mut cmd = instaflow();
+        cmd.env("HF_HUB_CACHE", &cache)
+            .env("HF_ENDPOINT", &hub.url)
+            .env_remove("HF_HUB_OFFLINE")
+            .args([
+                "--backend",
+                "cpu",
+                "generate",
+                "a cat",
+                "--model",
+                model,
+                "--out",
+            ])
+            .arg(root.join(png));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    // Offline with an empty cache: refused before any request.
+    let r = generate(
+        "hf:someone/tiny-instaflow",
+        "x.png",
+        &[("HF_HUB_OFFLINE", "1")],
+    );
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(err.contains("HF_HUB_OFFLINE is set"), "{err}");
+    assert_eq!(hub.bytes(), 0);
+
+    let first = generate("hf:someone/tiny-instaflow", "a.png", &[]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let fetched = hub.bytes();
+    let asked = hub.asked.lock().unwrap().clone();
+    assert!(fetched > 0);
+    assert!(!asked.iter().any(|p| p.ends_with(".bin")), "{asked:?}");
+    let snapshot = cache.join(format!(
+        "models--someone--tiny-instaflow/snapshots/{}",
+        "c0ffee".repeat(6) + "c0ff"
+    ));
+    assert!(snapshot.join("unet/config.json").is_file());
+    run_ok(
+        instaflow()
+            .args(["--backend", "cpu", "generate", "a cat", "--model"])
+            .arg(&origin)
+            .arg("--out")
+            .arg(root.join("direct.png")),
+    );
+    let png = |name: &str| std::fs::read(root.join(name)).unwrap();
+    assert_eq!(png("a.png"), png("direct.png"));
+
+    // Second run: read from the cache, nothing asked of the server.
+    let second = generate("someone/tiny-instaflow", "b.png", &[]);
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert_eq!(hub.bytes(), fetched);
+    assert_eq!(hub.asked.lock().unwrap().len(), asked.len());
+    assert_eq!(png("a.png"), png("b.png"));
+
+    for (model, env, needle) in [
+        ("hf:someone/absent", vec![], "has no model_index.json"),
+        (
+            "hf:someone/tiny-instaflow",
+            vec![
+                ("HF_HUB_CACHE", "/dev/null/x"),
+                ("HF_ENDPOINT", "http://127.0.0.1:9"),
+            ],
+            "downloading from http://127.0.0.1:9",
+        ),
+    ] {
+        let r = generate(model, "y.png", &env);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(1), "{err}");
+        assert!(err.contains(needle), "{model}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+    std::fs::remove_dir_all(&root).unwrap();
 }
 
 #[test]

@@ -27,7 +27,9 @@ pub struct GenerateArgs {
     /// copy of XCLiu/instaflow_0_9B_from_sd_1_5 or `RUN/model` from `instaflow distill`. Without
     /// it, the built-in one-step emoji model (16×16 pixels) is used. A Hugging Face id
     /// (`hf:XCLiu/instaflow_0_9B_from_sd_1_5`, `@REVISION` optional) is read from the hub's local
-    /// cache (HF_HUB_CACHE / HF_HOME / ~/.cache/huggingface/hub).
+    /// cache (HF_HUB_CACHE / HF_HOME / ~/.cache/huggingface/hub, shared with Python's
+    /// huggingface_hub); files missing there are downloaded from HF_ENDPOINT (default
+    /// https://huggingface.co, HF_TOKEN for gated models) unless HF_HUB_OFFLINE=1.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Euler steps N (InstaFlow one-step models: 1; 2-rectified-flow models: 10–25).
@@ -155,7 +157,11 @@ pub fn run(choice: BackendChoice, args: GenerateArgs) -> Result<()> {
         "--out {}: the output must be a .png file",
         args.out.display()
     );
-    let model = args.model.as_deref().map(model_folder).transpose()?;
+    let model = args
+        .model
+        .as_deref()
+        .map(|m| crate::hub::model_folder(m, true))
+        .transpose()?;
     ensure!(
         args.scale.is_none_or(|s| (1..=64).contains(&s)),
         "--scale must be between 1 and 64"
@@ -163,28 +169,6 @@ pub fn run(choice: BackendChoice, args: GenerateArgs) -> Result<()> {
     let selected = resolve(choice)?;
     set_precision(&selected, args.precision)?;
     with_backend!(&selected, B, device => generate::<B>(&args, model.as_deref(), &device, &selected))
-}
-
-/// The folder `--model` names: a folder on disk, or a Hugging Face Hub id (`hf:ORG/NAME[@REV]`,
-/// or `ORG/NAME` when no such folder exists) found in the hub's local cache.
-pub fn model_folder(model: &Path) -> Result<PathBuf> {
-    if model.is_dir() {
-        return Ok(model.to_path_buf());
-    }
-    let text = model.to_string_lossy();
-    let Some((repo, revision)) = instaflow::source::parse_hub_id(&text, true) else {
-        anyhow::bail!("--model {}: no such folder", model.display());
-    };
-    let cache = instaflow::source::hub_cache_dir()
-        .context("no Hugging Face cache folder: set HF_HUB_CACHE or HF_HOME")?;
-    let snapshot = instaflow::source::hub_snapshot(&cache, &repo, &revision).map_err(|e| {
-        if text.starts_with("hf:") {
-            anyhow::anyhow!("--model {e}")
-        } else {
-            anyhow::anyhow!("--model {text}: no such folder, and as a Hugging Face id: {e}")
-        }
-    })?;
-    Ok(snapshot)
 }
 
 fn ms(since: Instant) -> f64 {

@@ -8,6 +8,7 @@ mod data;
 mod embedded;
 mod eval;
 mod generate;
+mod hub;
 mod plots;
 mod random_model;
 mod reflow;

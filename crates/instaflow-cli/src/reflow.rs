@@ -20,7 +20,8 @@ use crate::with_backend;
 /// Options of `instaflow reflow`.
 #[derive(Debug, Args)]
 pub struct ReflowArgs {
-    /// The teacher: a diffusers folder of a rectified-flow model (e.g. `RUN/model` from `train`).
+    /// The teacher: a diffusers folder (e.g. `RUN/model` from `train`), or a Hugging Face id
+    /// (`hf:ORG/NAME[@REV]`) read from the hub's cache and downloaded when missing.
     #[arg(long)]
     model: PathBuf,
     /// Output folder (pairs.json + shard-*/chunk-*.safetensors). Rerun with the same settings to
@@ -168,7 +169,7 @@ pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
 }
 
 /// Run `instaflow reflow`.
-pub fn run(choice: BackendChoice, args: ReflowArgs) -> Result<()> {
+pub fn run(choice: BackendChoice, mut args: ReflowArgs) -> Result<()> {
     let (shard, of) = parse_shard(&args.shard)?;
     let solver = parse_solver(&args.solver)?;
     ensure!(
@@ -179,11 +180,7 @@ pub fn run(choice: BackendChoice, args: ReflowArgs) -> Result<()> {
         args.guidance.is_finite(),
         "--guidance must be a finite number"
     );
-    ensure!(
-        args.model.is_dir(),
-        "--model {}: no such folder",
-        args.model.display()
-    );
+    args.model = crate::hub::model_folder(&args.model, true)?;
     let prompts = match (&args.prompts, &args.data) {
         (Some(p), _) => read_prompts(p)?,
         (_, Some(d)) => ImageTextDataset::load(d)?.all_captions(),

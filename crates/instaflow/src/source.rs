@@ -140,11 +140,7 @@ pub fn hub_snapshot(
     let root = cache.join(format!("models--{}", repo.replace('/', "--")));
     let not_cached = |what: String| SourceError {
         path: format!("hf:{repo}@{revision}"),
-        message: format!(
-            "{what} in the Hugging Face cache {} — download it first (e.g. `huggingface-cli download \
-             {repo}`); instaflow reads the hub's cache but does not download",
-            cache.display()
-        ),
+        message: format!("{what} in the Hugging Face cache {}", cache.display()),
     };
     if !root.is_dir() {
         return Err(not_cached("not found".into()));
