@@ -95,6 +95,92 @@ fn bad_arguments_give_one_clear_error() {
     }
 }
 
+/// Inputs of `generate` and what the user sees: (arguments, exit code, words of the message).
+/// README's "Bad input" table lists the same cases.
+const TOO_BIG: [(&[&str], i32, &str); 7] = [
+    (
+        &["--width", "1000000", "--height", "1000000"],
+        3,
+        "needs at least",
+    ),
+    (&["--batch", "100000000"], 3, "the limit is"),
+    (&["--max-memory", "1M"], 3, "(--max-memory)"),
+    (&["--max-memory", "8X"], 2, "unknown unit `x`"),
+    (
+        &["--steps", "100000000"],
+        1,
+        "--steps 100000000: must be between 1 and 10000",
+    ),
+    (
+        &["--width", "1024", "--height", "1024", "--scale", "64"],
+        1,
+        "at most 16384",
+    ),
+    (&["--out", "x.jpg"], 1, "the output must be a .png file"),
+];
+
+#[test]
+fn requests_too_big_for_memory_are_refused_before_allocating() {
+    let dir = temp_dir("too-big");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (args, code, needle) in TOO_BIG {
+        let started = std::time::Instant::now();
+        let r = instaflow()
+            .current_dir(&dir)
+            .args(["--backend", "cpu", "generate", "red heart"])
+            .args(args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(code), "{args:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "{args:?}: expected {needle:?} in\n{err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        // Refused from the configs, before the weights are read.
+        assert!(!err.contains("loaded"), "{args:?}: {err}");
+        assert!(
+            started.elapsed().as_secs() < 20,
+            "{args:?} took {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "nothing written"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn quiet_runs_print_only_results_and_json_is_one_line() {
+    let dir = temp_dir("quiet");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = run_ok(instaflow().current_dir(&dir).args([
+        "--backend",
+        "cpu",
+        "--quiet",
+        "generate",
+        "red heart",
+        "--json",
+    ]));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["backend"], "cpu (flex)");
+    assert_eq!(json["outputs"][0], "instaflow.png");
+    assert!(json["timings_ms"]["total"].as_f64().unwrap() > 0.0);
+    assert!(dir.join("instaflow.png").is_file());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn unwritable_output_folder_is_an_error_not_a_panic() {
     let file = temp_dir("not-a-dir");
@@ -721,6 +807,34 @@ fn read_latents(path: &std::path::Path) -> Vec<f32> {
         .chunks(4)
         .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
         .collect()
+}
+
+#[test]
+fn a_device_that_cannot_allocate_ends_the_run_with_exit_3() {
+    // 8192² pixels: an 805 MB noise buffer, more than a software adapter's largest buffer. burn's
+    // GPU server thread panics on the failed allocation; the run must end (not hang) with one
+    // message. On a GPU large enough to hold it, the run simply succeeds.
+    let dir = temp_dir("device-oom");
+    std::fs::create_dir_all(&dir).unwrap();
+    let r = instaflow()
+        .current_dir(&dir)
+        .args(["--backend", "wgpu", "generate", "red heart", "--scale", "1"])
+        .args(["--width", "8192", "--height", "8192"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    match r.status.code() {
+        Some(0) => assert!(dir.join("instaflow.png").is_file()),
+        Some(3) => {
+            let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+            assert_eq!(errors.len(), 1, "{err}");
+            assert!(errors[0].contains("ran out of memory"), "{err}");
+            assert!(!dir.join("instaflow.png").exists());
+        }
+        code => panic!("exit {code:?}: {err}"),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

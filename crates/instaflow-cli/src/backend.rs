@@ -173,19 +173,20 @@ pub fn resolve(choice: BackendChoice) -> Result<Selected> {
         BackendChoice::Auto => {
             #[cfg(feature = "cuda")]
             if cuda_works() {
-                eprintln!("backend: cuda (auto: a CUDA device is present)");
+                crate::note!("backend: cuda (auto: a CUDA device is present)");
                 return Ok(Selected::Cuda(Default::default()));
             }
             match wgpu_adapter() {
                 Some(a) if a.kind != wgpu::DeviceType::Cpu => {
-                    eprintln!(
+                    crate::note!(
                         "backend: wgpu on {} ({:?}) (auto: no CUDA, a GPU adapter is present)",
-                        a.name, a.api
+                        a.name,
+                        a.api
                     );
                     Ok(Selected::Wgpu(WgpuDevice::DefaultDevice))
                 }
                 _ => {
-                    eprintln!(
+                    crate::note!(
                         "backend: cpu (flex) (auto: no CUDA device and no hardware GPU adapter)"
                     );
                     Ok(Selected::Cpu)

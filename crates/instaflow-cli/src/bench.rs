@@ -36,7 +36,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let shape = BlockShape::default();
     let mut results: Vec<(&str, BlockTimings)> = Vec::new();
     for sel in available() {
-        eprintln!("timing {} …", sel.name());
+        crate::note!("timing {} …", sel.name());
         let t = with_backend!(&sel, B, device => time_block::<B>(&device, shape, args.repeats));
         results.push((sel.name(), t));
     }

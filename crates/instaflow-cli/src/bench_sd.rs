@@ -71,7 +71,7 @@ pub fn run(choice: BackendChoice, args: BenchSdArgs) -> Result<()> {
 fn bench<B: Backend>(args: &BenchSdArgs, device: &B::Device) -> [f64; 3] {
     let normal = Distribution::Normal(0.0, 1.0);
     let l = args.latent;
-    eprintln!("building SD-1.5 text encoder, UNet and VAE with random weights …");
+    crate::note!("building SD-1.5 text encoder, UNet and VAE with random weights …");
     let text = ClipTextConfig::sd15()
         .init::<B>(device)
         .expect("SD-1.5 config");
@@ -85,7 +85,7 @@ fn bench<B: Backend>(args: &BenchSdArgs, device: &B::Device) -> [f64; 3] {
     let ids = Tensor::<B, 2, Int>::from_ints([[49406i32, 320, 1929, 2038, 49407]], device)
         .pad((0, 72, 0, 0), 49407);
     let (first, text_s) = median_s(args.repeats, || text.forward(ids.clone()));
-    eprintln!("text encoder: {text_s:.3} s (first run incl. weight init {first:.2} s)");
+    crate::note!("text encoder: {text_s:.3} s (first run incl. weight init {first:.2} s)");
 
     let context = Tensor::<B, 3>::random([1, 77, 768], normal, device);
     let sample = Tensor::<B, 4>::random([1, 4, l, l], normal, device);
@@ -93,11 +93,11 @@ fn bench<B: Backend>(args: &BenchSdArgs, device: &B::Device) -> [f64; 3] {
     let (first, unet_s) = median_s(args.repeats, || {
         unet.forward(sample.clone(), tau.clone(), &context)
     });
-    eprintln!("UNet {l}×{l}: {unet_s:.2} s (first run incl. weight init {first:.2} s)");
+    crate::note!("UNet {l}×{l}: {unet_s:.2} s (first run incl. weight init {first:.2} s)");
 
     let latents = Tensor::<B, 4>::random([1, 4, l, l], normal, device);
     let (first, vae_s) = median_s(args.repeats, || vae.decode(latents.clone()));
-    eprintln!(
+    crate::note!(
         "VAE decode {l}→{}: {vae_s:.2} s (first run incl. weight init {first:.2} s)",
         8 * l
     );

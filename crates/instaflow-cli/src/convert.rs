@@ -38,7 +38,7 @@ pub fn run(args: ConvertArgs) -> Result<()> {
     let report = convert_folder(&args.model, &args.out, dtype)
         .with_context(|| format!("converting {}", args.model.display()))?;
     for s in &report.skipped {
-        eprintln!(
+        crate::note!(
             "skipped {} (not safetensors; never read by instaflow)",
             s.display()
         );

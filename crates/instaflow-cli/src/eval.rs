@@ -112,12 +112,12 @@ pub fn run(choice: BackendChoice, args: EvalArgs) -> Result<()> {
         args.data.display()
     );
     let selected = resolve(choice)?;
-    eprintln!("backend: {}", selected.name());
+    crate::note!("backend: {}", selected.name());
     with_backend!(autodiff &selected, B, device => evaluate::<B>(&args, &data, &device, selected.name()))
 }
 
 fn bar(len: usize, what: &str) -> ProgressBar {
-    let b = ProgressBar::new(len as u64);
+    let b = crate::progress_bar(len as u64);
     b.set_style(
         ProgressStyle::with_template(&format!(
             "{{spinner}} [{{elapsed_precise}}] {{bar:32}} {{pos}}/{{len}} {what} {{msg}}"
@@ -181,7 +181,7 @@ fn evaluate<B: AutodiffBackend>(
         [clf_cfg.channels, clf_cfg.size] == [data.channels, data.height],
         "the classifier was trained on other images than --data"
     );
-    eprintln!("classifier: {:.1}% on held-out data", 100.0 * clf_acc);
+    crate::note!("classifier: {:.1}% on held-out data", 100.0 * clf_acc);
 
     // 2. Real features, prompts, noise — shared by every model.
     let mut rng = instaflow::noise::rng(args.seed);
@@ -332,7 +332,7 @@ fn evaluate<B: AutodiffBackend>(
                 rk45_nfe: nfe,
                 seconds: t.elapsed().as_secs_f64(),
             };
-            eprintln!(
+            crate::note!(
                 "{label}: FD {:.3}, accuracy {:.1}%",
                 row.fd,
                 100.0 * row.accuracy

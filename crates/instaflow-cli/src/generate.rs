@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail, ensure};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use clap::Args;
-use instaflow::pipeline::{GenerateOptions, InstaFlowPipeline, to_rgb8};
+use instaflow::pipeline::{GenerateOptions, to_rgb8};
 use instaflow::solvers::euler;
 use instaflow::velocity::Guided;
 use safetensors::{Dtype, SafeTensors};
@@ -74,7 +74,18 @@ pub struct GenerateArgs {
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
+    /// Refuse requests estimated to need more memory than this (e.g. `8G`, `512MiB`): weights,
+    /// activations and noise. Default: the available RAM (for the host's share; a GPU's own
+    /// memory is only checked against this when it is given).
+    #[arg(long, value_parser = crate::memory::parse_size)]
+    max_memory: Option<u64>,
 }
+
+/// Most Euler steps one run takes (2-RF models use 10–25; InstaFlow 1).
+const MAX_STEPS: usize = 10_000;
+
+/// Largest PNG side written (an enlarged image is held in memory before it is encoded).
+const MAX_PNG_SIDE: u64 = 16_384;
 
 /// `out.png` → `out-3.png` when there are several images.
 fn indexed(path: &Path, i: usize, n: usize) -> PathBuf {
@@ -144,7 +155,11 @@ pub fn run(choice: BackendChoice, args: GenerateArgs) -> Result<()> {
         !args.prompt.trim().is_empty(),
         "the prompt is empty (give a text, e.g. \"red heart\")"
     );
-    ensure!(args.steps >= 1, "--steps must be at least 1");
+    ensure!(
+        (1..=MAX_STEPS).contains(&args.steps),
+        "--steps {}: must be between 1 and {MAX_STEPS}",
+        args.steps
+    );
     ensure!(
         args.guidance.is_finite(),
         "--guidance must be a finite number"
@@ -160,7 +175,7 @@ pub fn run(choice: BackendChoice, args: GenerateArgs) -> Result<()> {
     let model = args
         .model
         .as_deref()
-        .map(|m| crate::hub::model_folder(m, true))
+        .map(|m| crate::hub::model_folder(m, !crate::quiet()))
         .transpose()?;
     ensure!(
         args.scale.is_none_or(|s| (1..=64).contains(&s)),
@@ -209,20 +224,13 @@ fn generate<B: Backend>(
         ),
         None => (embedded::default_model(), embedded::NAME.to_string()),
     };
-    let pipe = InstaFlowPipeline::<B>::load(&source, device)
+    // Configs first (nothing allocated): the request is checked against memory before the
+    // weights are read.
+    let mut pipe = instaflow::pipeline::init_components::<B>(&source, device)
         .with_context(|| format!("loading {model_name}"))?;
-    B::sync(device).map_err(|e| anyhow::anyhow!("loading {model_name}: {e:?}"))?;
-    let load_ms = ms(t);
-    memory.sample(selected);
-    let weights_bytes = memory.0.map(|(_, used)| used);
-    eprintln!("loaded {model_name} in {:.1} s", load_ms / 1e3);
-    let scale = args
-        .scale
-        .unwrap_or(if args.model.is_none() { 16 } else { 1 });
-
     let channels = pipe.unet_config.in_channels;
     let multiple = pipe.vae_scale << (pipe.unet_config.block_out_channels.len() - 1);
-    let (noise_shape, noise) = match &args.noise {
+    let given_noise = match &args.noise {
         Some(path) => {
             let (shape, values) = read_noise(path, channels)?;
             ensure!(
@@ -231,19 +239,16 @@ fn generate<B: Backend>(
                 args.batch,
                 shape[0]
             );
-            (shape, values)
+            Some((shape, values))
         }
-        None => {
-            let shape = pipe
-                .latent_shape(args.batch, args.width, args.height)
-                .map_err(|e| anyhow::anyhow!("--{e}"))?
-                .to_vec();
-            let n = shape.iter().product();
-            (
-                shape,
-                instaflow::noise::standard_normal(&mut instaflow::noise::rng(args.seed), n),
-            )
-        }
+        None => None,
+    };
+    let noise_shape = match &given_noise {
+        Some((shape, _)) => shape.clone(),
+        None => pipe
+            .latent_shape(args.batch, args.width, args.height)
+            .map_err(|e| anyhow::anyhow!("--{e}"))?
+            .to_vec(),
     };
     let [b, _, h, w] = [
         noise_shape[0],
@@ -256,6 +261,40 @@ fn generate<B: Backend>(
         "latents {h}×{w}: the size must be a multiple of {} for this model",
         multiple / pipe.vae_scale
     );
+    let float_bytes = match args.precision {
+        Precision::F16 => 2,
+        Precision::F32 => 4,
+    };
+    let estimate = pipe.memory_estimate([b, channels, h, w], float_bytes);
+    let request = format!(
+        "--width {} --height {} --batch {b}",
+        w.saturating_mul(pipe.vae_scale),
+        h.saturating_mul(pipe.vae_scale)
+    );
+    crate::memory::check(&request, &estimate, selected, args.max_memory)?;
+    let scale = args
+        .scale
+        .unwrap_or(if args.model.is_none() { 16 } else { 1 });
+    let side = (w.max(h) as u64).saturating_mul((pipe.vae_scale as u64) * scale as u64);
+    ensure!(
+        side <= MAX_PNG_SIDE,
+        "--scale {scale}: the PNG would be {side} pixels a side; at most {MAX_PNG_SIDE}"
+    );
+
+    pipe.load_weights(&source, device)
+        .with_context(|| format!("loading {model_name}"))?;
+    B::sync(device).map_err(|e| anyhow::anyhow!("loading {model_name}: {e:?}"))?;
+    let load_ms = ms(t);
+    memory.sample(selected);
+    let weights_bytes = memory.0.map(|(_, used)| used);
+    crate::note!("loaded {model_name} in {:.1} s", load_ms / 1e3);
+    let noise = match given_noise {
+        Some((_, values)) => values,
+        None => instaflow::noise::standard_normal(
+            &mut instaflow::noise::rng(args.seed),
+            noise_shape.iter().product(),
+        ),
+    };
 
     let t = Instant::now();
     if pipe.tokenizer.is_truncated(&args.prompt)? {
@@ -266,7 +305,7 @@ fn generate<B: Backend>(
     let (text, negative) = pipe.encode_for_guidance(&prompts, &negatives, args.guidance, device)?;
     let text_ms = ms(t);
     memory.sample(selected);
-    eprintln!("text encoded in {text_ms:.0} ms");
+    crate::note!("text encoded in {text_ms:.0} ms");
 
     let z0 = Tensor::<B, 4>::from_data(TensorData::new(noise, noise_shape.clone()), device);
     let opts = GenerateOptions {
@@ -284,7 +323,7 @@ fn generate<B: Backend>(
         let _ = z.clone().slice([0..1, 0..1, 0..1, 0..1]).into_data();
         step_ms.push(ms(t));
         memory.sample(selected);
-        eprintln!(
+        crate::note!(
             "UNet step {}/{} ({} evaluation(s)) in {:.0} ms",
             i + 1,
             opts.steps,
@@ -296,9 +335,9 @@ fn generate<B: Backend>(
     let images = to_rgb8(pipe.decode(z.clone()));
     let decode_ms = ms(t);
     memory.sample(selected);
-    eprintln!("decoded in {decode_ms:.0} ms");
+    crate::note!("decoded in {decode_ms:.0} ms");
     if let (Some((reserved, used)), Some(weights)) = (memory.0, weights_bytes) {
-        eprintln!(
+        crate::note!(
             "device memory ({:?}): weights {:.2} GB, peak in use {:.2} GB, pool reserved {:.2} GB",
             args.precision,
             gb(weights),
@@ -364,7 +403,7 @@ fn generate<B: Backend>(
                 "weights": weights_bytes, "peak_in_use": used, "peak_reserved": reserved,
             })),
         });
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        println!("{}", serde_json::to_string(&summary)?);
     } else {
         for o in &outputs {
             println!("{o}");

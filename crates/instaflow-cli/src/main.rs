@@ -9,6 +9,7 @@ mod embedded;
 mod eval;
 mod generate;
 mod hub;
+mod memory;
 mod plots;
 mod random_model;
 mod reflow;
@@ -16,6 +17,7 @@ mod toy;
 mod train;
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +31,10 @@ struct Cli {
     /// which it chose.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto, global = true)]
     backend: BackendChoice,
+
+    /// Print nothing but results and errors: no progress bars, timings or backend notes.
+    #[arg(long, short, global = true)]
+    quiet: bool,
 
     #[command(subcommand)]
     command: Command,
@@ -70,6 +76,33 @@ enum Command {
     Backends,
 }
 
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// Whether `--quiet` was given.
+pub fn quiet() -> bool {
+    QUIET.load(Ordering::Relaxed)
+}
+
+/// `eprintln!` for progress notes, silent under `--quiet` (errors and warnings always print).
+#[macro_export]
+macro_rules! note {
+    ($($arg:tt)*) => {
+        if !$crate::quiet() {
+            eprintln!($($arg)*);
+        }
+    };
+}
+
+/// A progress bar on stderr, hidden under `--quiet` (and, as indicatif does, when stderr is not
+/// a terminal).
+pub fn progress_bar(len: u64) -> indicatif::ProgressBar {
+    if quiet() {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(len)
+    }
+}
+
 /// Keep freed memory in the process instead of handing it back to the kernel. glibc returns every
 /// block above 32 MiB (SD-1.5's conv buffers at 512² are 40–200 MB) to the kernel when it is
 /// freed, so each conv paid for fresh zeroed pages again: a fifth of CPU UNet time was page
@@ -103,7 +136,9 @@ fn quiet_headless_wayland() {
 fn main() -> ExitCode {
     keep_freed_memory();
     quiet_headless_wayland();
+    memory::exit_on_device_failure();
     let cli = Cli::parse();
+    QUIET.store(cli.quiet, Ordering::Relaxed);
     let result = match cli.command {
         Command::Generate(args) => generate::run(cli.backend, args),
         Command::Toy(args) => toy::run(cli.backend, args),
@@ -122,7 +157,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<memory::OutOfMemory>().is_some() {
+                ExitCode::from(memory::EXIT_OUT_OF_MEMORY)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail, ensure};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressStyle;
 use instaflow::data::ImageTextDataset;
 use instaflow::pipeline::InstaFlowPipeline;
 use instaflow::reflow::{PairPlan, census, generate_shard};
@@ -180,14 +180,14 @@ pub fn run(choice: BackendChoice, mut args: ReflowArgs) -> Result<()> {
         args.guidance.is_finite(),
         "--guidance must be a finite number"
     );
-    args.model = crate::hub::model_folder(&args.model, true)?;
+    args.model = crate::hub::model_folder(&args.model, !crate::quiet())?;
     let prompts = match (&args.prompts, &args.data) {
         (Some(p), _) => read_prompts(p)?,
         (_, Some(d)) => ImageTextDataset::load(d)?.all_captions(),
         _ => bail!("give the prompt set: --prompts FILE or --data DIR"),
     };
     let selected = resolve(choice)?;
-    eprintln!("backend: {}", selected.name());
+    crate::note!("backend: {}", selected.name());
     with_backend!(&selected, B, device => pairs::<B>(&args, prompts, solver, shard, of, &device))
 }
 
@@ -212,7 +212,7 @@ fn pairs<B: Backend>(
         solver: args.solver.clone(),
         guidance: args.guidance,
     };
-    let bar = ProgressBar::new(0);
+    let bar = crate::progress_bar(0);
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner} [{elapsed_precise}] {bar:32} {pos}/{len} pairs {per_sec} eta {eta} {msg}",

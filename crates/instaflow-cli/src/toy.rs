@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, ensure};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressStyle;
 use instaflow::toy::{ToyConfig, ToyReport, ToyRow};
 
 use crate::backend::{BackendChoice, resolve};
@@ -112,7 +112,7 @@ pub fn run(choice: BackendChoice, args: ToyArgs) -> Result<()> {
     fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
 
     let selected = resolve(choice)?;
-    let bar = ProgressBar::new(cfg.total_steps() as u64);
+    let bar = crate::progress_bar(cfg.total_steps() as u64);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:32} {pos}/{len} {msg}")
             .expect("valid template"),

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressStyle;
 use instaflow::data::ImageTextDataset;
 use instaflow::reflow::PairSet;
 use instaflow::source::ModelSource;
@@ -124,7 +124,7 @@ pub fn run(choice: BackendChoice, args: TrainArgs, distill: bool) -> Result<()> 
         _ => unreachable!("checked above"),
     };
     let selected = resolve(choice)?;
-    eprintln!("backend: {}", selected.name());
+    crate::note!("backend: {}", selected.name());
     with_backend!(autodiff &selected, B, device => train::<B>(&args, stage, data, &device))
 }
 
@@ -174,11 +174,11 @@ fn train<B: AutodiffBackend>(
             bail!("--resume: no checkpoint in {}", ckpt.display());
         };
         trainer.resume(&from)?;
-        eprintln!("resumed at step {} from {}", trainer.step, from.display());
+        crate::note!("resumed at step {} from {}", trainer.step, from.display());
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let bar = ProgressBar::new(args.steps as u64);
+    let bar = crate::progress_bar(args.steps as u64);
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner} [{elapsed_precise}] {bar:32} {pos}/{len} {per_sec} eta {eta} {msg}",

@@ -149,6 +149,7 @@ pub fn init_components<B: Backend>(
         &unet_config,
         vae_cfg.as_ref(),
     )?;
+    let vae_cfg_channels = vae_cfg.as_ref().map(|c| c.block_out_channels.clone());
     let (vae, vae_scale) = match vae_cfg {
         Some(cfg) => {
             let vae = cfg.init::<B>(device).map_err(unsupported(source, "vae"))?;
@@ -162,6 +163,7 @@ pub fn init_components<B: Backend>(
         unet,
         vae,
         unet_config,
+        vae_channels: vae_cfg_channels,
         vae_scale,
     })
 }
@@ -280,6 +282,27 @@ impl Default for GenerateOptions {
     }
 }
 
+/// What one generation needs in memory, estimated from the configs before anything is allocated.
+/// The activations are a lower bound — the largest tensors alive at once (the UNet's skip
+/// connections and widest level, the VAE decoder's full-resolution layers) — so a request refused
+/// by it cannot fit; one accepted may still need somewhat more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryEstimate {
+    /// Bytes of the weights in the compute float type.
+    pub weights: u64,
+    /// Bytes of activations alive at the peak, for the whole batch.
+    pub activations: u64,
+    /// Bytes of the initial noise on the host (f32), made before anything reaches the device.
+    pub noise: u64,
+}
+
+impl MemoryEstimate {
+    /// Weights + activations: what the compute device must hold.
+    pub fn device(&self) -> u64 {
+        self.weights.saturating_add(self.activations)
+    }
+}
+
 /// Tokenizer, text encoder, UNet and VAE of one diffusers folder.
 #[derive(Debug)]
 pub struct InstaFlowPipeline<B: Backend> {
@@ -294,6 +317,8 @@ pub struct InstaFlowPipeline<B: Backend> {
     pub vae: Option<AutoencoderKL<B>>,
     /// The UNet's config.
     pub unet_config: UNet2DConditionConfig,
+    /// The VAE's `block_out_channels` (`None` in pixel space).
+    pub vae_channels: Option<Vec<usize>>,
     /// Latent-to-pixel scale (8 for SD, 1 in pixel space).
     pub vae_scale: usize,
 }
@@ -302,6 +327,18 @@ impl<B: Backend> InstaFlowPipeline<B> {
     /// Load every component of a diffusers folder (on disk or in memory).
     pub fn load(source: &ModelSource, device: &B::Device) -> Result<Self, LoadError> {
         let mut pipe = init_components(source, device)?;
+        pipe.load_weights(source, device)?;
+        Ok(pipe)
+    }
+
+    /// Fill the weights of a pipeline from [`init_components`] (lets a caller check a request
+    /// against [`Self::memory_estimate`] before gigabytes are read).
+    pub fn load_weights(
+        &mut self,
+        source: &ModelSource,
+        device: &B::Device,
+    ) -> Result<(), LoadError> {
+        let pipe = self;
         let [(text, text_stems), (unet, unet_stems), (vae, vae_stems)] = weights::COMPONENTS;
         let files = |dir, stems| weights::weight_files(source, dir, stems);
         let clip = weights::CLIP_REMAPS;
@@ -322,7 +359,46 @@ impl<B: Backend> InstaFlowPipeline<B> {
         if let Some(model) = &mut pipe.vae {
             weights::load(model, source, &files(vae, vae_stems)?, &[], device)?;
         }
-        Ok(pipe)
+        Ok(())
+    }
+
+    /// The memory generating latents of `shape` `[B, C, h, w]` needs, from the configs alone
+    /// (nothing is allocated), with `float_bytes` per value (4 for f32, 2 for f16).
+    pub fn memory_estimate(&self, shape: [usize; 4], float_bytes: usize) -> MemoryEstimate {
+        let params = |layout: Vec<(String, Vec<usize>)>| -> u128 {
+            layout
+                .iter()
+                .map(|(_, s)| s.iter().map(|&d| d as u128).product::<u128>())
+                .sum()
+        };
+        let mut count = params(weights::stream::checkpoint_layout(&self.text_encoder))
+            + params(weights::stream::checkpoint_layout(&self.unet));
+        if let Some(vae) = &self.vae {
+            count += params(weights::stream::checkpoint_layout(vae));
+        }
+        // Saturating: a typed size of 10⁶ × 10⁶ must give "too big", not wrap around.
+        let product = |xs: &[u128]| xs.iter().fold(1u128, |p, &x| p.saturating_mul(x));
+        let [b, _, h, w] = shape.map(|d| d as u128);
+        let unet = &self.unet_config.block_out_channels;
+        // The UNet keeps every down-block output for its skip connections (≈ 3 per level) and
+        // works on ~4 tensors of its widest level at a time.
+        let skips = unet.iter().enumerate().fold(0u128, |sum, (l, &c)| {
+            sum.saturating_add(product(&[3, c as u128, h >> l, w >> l]))
+        });
+        let unet_peak = skips.saturating_add(product(&[4, unet[0] as u128, h, w]));
+        // The VAE decoder's last up block: ~3 tensors of its first channel count at full size.
+        let scale = self.vae_scale as u128;
+        let vae_peak = self
+            .vae_channels
+            .as_ref()
+            .map_or(0, |c| product(&[3, c[0] as u128, h, w, scale, scale]));
+        let clamp = |v: u128| u64::try_from(v).unwrap_or(u64::MAX);
+        let bytes = float_bytes as u128;
+        MemoryEstimate {
+            weights: clamp(count.saturating_mul(bytes)),
+            activations: clamp(product(&[b, unet_peak.max(vae_peak), bytes])),
+            noise: clamp(product(&shape.map(|d| d as u128)).saturating_mul(4)),
+        }
     }
 
     /// The noise shape `[batch, C, h, w]` for images of `width`×`height` pixels (default: the
@@ -568,5 +644,42 @@ mod tests {
         let rgba = futures_lite::future::block_on(to_rgba8_async(pixels)).unwrap();
         assert_eq!(rgb, vec![vec![0, 128, 255, 255, 64, 0]]);
         assert_eq!(rgba, vec![vec![0, 128, 255, 255, 255, 64, 0, 255]]);
+    }
+
+    #[test]
+    fn memory_estimate_counts_every_weight_and_grows_with_batch_and_size() {
+        let source = crate::test_util::parity_folder("conv-f32", "estimate");
+        let pipe = init_components::<TB>(&source, &device()).unwrap();
+        // Weights: every tensor the checkpoints hold (f32 files), at 4 and 2 bytes per value.
+        let mut values = 0u64;
+        for dir in ["text_encoder", "unet", "vae"] {
+            for weights::WeightFile(f) in
+                weights::weight_files(&source, dir, &["model", "diffusion_pytorch_model"]).unwrap()
+            {
+                let bytes = source.read(&f).unwrap();
+                let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+                values += st
+                    .tensors()
+                    .iter()
+                    .filter(|(n, _)| !n.ends_with("position_ids"))
+                    .map(|(_, t)| t.shape().iter().product::<usize>() as u64)
+                    .sum::<u64>();
+            }
+        }
+        let one = pipe.memory_estimate([1, 4, 8, 8], 4);
+        assert_eq!(one.weights, 4 * values);
+        assert_eq!(pipe.memory_estimate([1, 4, 8, 8], 2).weights, 2 * values);
+        assert_eq!(one.noise, 4 * 4 * 8 * 8);
+        assert!(one.activations > 0);
+        let four = pipe.memory_estimate([4, 4, 8, 8], 4);
+        assert_eq!(four.activations, 4 * one.activations);
+        let wide = pipe.memory_estimate([1, 4, 16, 16], 4);
+        assert_eq!(wide.activations, 4 * one.activations);
+        // Absurd requests saturate instead of overflowing.
+        let huge = pipe.memory_estimate([usize::MAX, 4, usize::MAX, usize::MAX], 4);
+        assert_eq!(
+            (huge.activations, huge.noise, huge.device()),
+            (u64::MAX, u64::MAX, u64::MAX)
+        );
     }
 }
