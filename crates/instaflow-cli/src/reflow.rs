@@ -177,6 +177,12 @@ pub fn run(choice: BackendChoice, mut args: ReflowArgs) -> Result<()> {
         "--pairs, --chunk and --batch must be positive"
     );
     ensure!(
+        args.pairs <= instaflow::reflow::MAX_PAIRS,
+        "--pairs {}: at most {} pairs per folder",
+        args.pairs,
+        instaflow::reflow::MAX_PAIRS
+    );
+    ensure!(
         args.guidance.is_finite(),
         "--guidance must be a finite number"
     );

@@ -47,6 +47,8 @@ pub mod velocity;
 pub mod weights;
 
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 pub(crate) mod test_util;
 
 /// The crate version.

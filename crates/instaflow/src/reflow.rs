@@ -19,6 +19,12 @@ use serde::{Deserialize, Serialize};
 use crate::data::{DataError, invalid, write_atomic};
 use crate::noise;
 
+/// Most pairs one folder may hold (the paper's SD pair sets: 3.2 M).
+pub const MAX_PAIRS: usize = 100_000_000;
+
+/// Most values one sample may have (`C·H·W`; SD-1.5 latents at 1024²: 65,536).
+pub const MAX_SAMPLE_VALUES: usize = 1 << 24;
+
 /// What a pair folder contains; every shard must agree on it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PairPlan {
@@ -94,6 +100,25 @@ impl PairPlan {
         let plan: PairPlan = serde_json::from_slice(&text).map_err(|e| invalid(&path, e))?;
         if plan.prompts.is_empty() {
             return Err(invalid(&path, "no prompts"));
+        }
+        if !(1..=MAX_PAIRS).contains(&plan.total) || plan.chunk == 0 {
+            return Err(invalid(
+                &path,
+                format!(
+                    "total = {} and chunk = {}: a pair set holds 1 to {MAX_PAIRS} pairs in chunks                      of at least 1",
+                    plan.total, plan.chunk
+                ),
+            ));
+        }
+        let values = plan.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        if plan.shape.contains(&0) || values.is_none_or(|n| n > MAX_SAMPLE_VALUES) {
+            return Err(invalid(
+                &path,
+                format!(
+                    "shape {:?}: each sample needs 1 to {MAX_SAMPLE_VALUES} values",
+                    plan.shape
+                ),
+            ));
         }
         Ok(plan)
     }

@@ -205,7 +205,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("revision v2 is not") && e.contains("does not download"),
+            e.contains("revision v2 is not in the Hugging Face cache"),
             "{e}"
         );
         assert!(hub_snapshot(&cache, "org/other", "main").is_err());

@@ -71,6 +71,18 @@ impl ClipTextConfig {
                 });
             }
         };
+        super::config::at_most(&[
+            ("vocab_size", &[self.vocab_size], 1 << 20),
+            ("hidden_size", &[self.hidden_size], 1 << 16),
+            ("intermediate_size", &[self.intermediate_size], 1 << 18),
+            ("num_hidden_layers", &[self.num_hidden_layers], 256),
+            ("num_attention_heads", &[self.num_attention_heads], 1 << 12),
+            (
+                "max_position_embeddings",
+                &[self.max_position_embeddings],
+                1 << 16,
+            ),
+        ])?;
         let (d, h) = (self.hidden_size, self.num_attention_heads);
         require(
             h > 0 && d % h == 0,

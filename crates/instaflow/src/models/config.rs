@@ -63,6 +63,30 @@ pub fn positive_sizes(
     Ok(())
 }
 
+/// Sizes a config declares must stay below what any real model uses (SD-1.5: 1,280 channels, 2
+/// layers per block, CLIP-L: 12 layers, 49,408 tokens), so a corrupt or hostile `config.json`
+/// fails with a message instead of building millions of layers.
+pub fn at_most(fields: &[(&str, &[usize], usize)]) -> Result<(), ConfigError> {
+    for &(field, values, max) in fields {
+        if let Some(v) = values.iter().find(|&&v| v > max) {
+            return Err(ConfigError::Invalid(format!(
+                "{field} = {v} is larger than {max}, the most this implementation builds"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl<T: Clone> OneOrMany<T> {
+    /// Every value given (one, or one per block).
+    pub fn values(&self) -> Vec<T> {
+        match self {
+            OneOrMany::One(v) => vec![v.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
 /// Fail with [`ConfigError::Unsupported`] unless `ok`.
 pub fn require(
     ok: bool,

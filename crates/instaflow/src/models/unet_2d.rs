@@ -7,7 +7,7 @@ use burn::tensor::{Tensor, backend::Backend};
 use serde::Deserialize;
 
 use super::attention::TransformerSettings;
-use super::config::{ConfigError, OneOrMany, positive_sizes, require};
+use super::config::{ConfigError, OneOrMany, at_most, positive_sizes, require};
 use super::embeddings::{TimestepEmbedding, timestep_embedding};
 use super::resnet::{ResnetSettings, conv2d, group_norm};
 use super::unet_2d_blocks::{BlockSettings, DownBlock2D, MidBlock2DCrossAttn, UpBlock2D};
@@ -282,6 +282,46 @@ impl UNet2DConditionConfig {
             &self.attention_type,
             "default",
         )?;
+        let sample = self
+            .sample_size
+            .as_ref()
+            .map(OneOrMany::values)
+            .unwrap_or_default();
+        at_most(&[
+            ("the number of blocks", &[n], 8),
+            ("block_out_channels", &self.block_out_channels, 1 << 16),
+            ("layers_per_block", &self.layers_per_block.values(), 64),
+            (
+                "transformer_layers_per_block",
+                &self.transformer_layers_per_block.values(),
+                64,
+            ),
+            (
+                "cross_attention_dim",
+                &self.cross_attention_dim.values(),
+                1 << 16,
+            ),
+            (
+                "attention_head_dim",
+                &self.attention_head_dim.values(),
+                1 << 16,
+            ),
+            (
+                "num_attention_heads",
+                &self
+                    .num_attention_heads
+                    .as_ref()
+                    .map(OneOrMany::values)
+                    .unwrap_or_default(),
+                1 << 12,
+            ),
+            (
+                "in_channels / out_channels",
+                &[self.in_channels, self.out_channels],
+                1 << 10,
+            ),
+            ("sample_size", &sample, 1 << 14),
+        ])?;
         let heads = self
             .num_attention_heads
             .as_ref()

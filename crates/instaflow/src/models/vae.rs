@@ -7,7 +7,7 @@ use burn::tensor::{Tensor, backend::Backend};
 use serde::Deserialize;
 
 use super::attention::{merge_heads, scaled_dot_product, split_heads};
-use super::config::{ConfigError, positive_sizes, require};
+use super::config::{ConfigError, at_most, positive_sizes, require};
 use super::resnet::{ResnetBlock2D, ResnetSettings, conv2d, group_norm};
 use super::unet_2d_blocks::CoderBlock2D;
 use crate::kernels;
@@ -109,6 +109,16 @@ impl AutoencoderKLConfig {
             self.shift_factor,
             "null",
         )?;
+        at_most(&[
+            ("the number of blocks", &[self.block_out_channels.len()], 8),
+            ("block_out_channels", &self.block_out_channels, 1 << 16),
+            ("layers_per_block", &[self.layers_per_block], 64),
+            (
+                "in_channels / out_channels / latent_channels",
+                &[self.in_channels, self.out_channels, self.latent_channels],
+                1 << 10,
+            ),
+        ])?;
         positive_sizes(self.norm_num_groups, &self.block_out_channels)?;
         for &c in &self.block_out_channels {
             if c % self.norm_num_groups != 0 {
