@@ -45,23 +45,26 @@ fn data() -> PathBuf {
 }
 
 fn train(out: &Path, extra: &[&str]) -> Output {
-    instaflow()
-        .args([
-            "train",
-            "--size",
-            "tiny",
-            "--batch",
-            "8",
-            "--checkpoint-every",
-            "3",
-            "--data",
-        ])
-        .arg(data())
-        .arg("--out")
-        .arg(out)
-        .args(extra)
-        .output()
-        .unwrap()
+    train_command(out, extra).output().unwrap()
+}
+
+fn train_command(out: &Path, extra: &[&str]) -> Command {
+    let mut cmd = instaflow();
+    cmd.args([
+        "train",
+        "--size",
+        "tiny",
+        "--batch",
+        "8",
+        "--checkpoint-every",
+        "3",
+        "--data",
+    ])
+    .arg(data())
+    .arg("--out")
+    .arg(out)
+    .args(extra);
+    cmd
 }
 
 #[test]
@@ -225,6 +228,88 @@ fn train_resume_reflow_distill_and_eval() {
     assert_eq!(json["rows"].as_array().unwrap().len(), 3);
     let grid = std::fs::read(eval.join("grid.png")).unwrap();
     assert_eq!(&grid[..4], b"\x89PNG");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_resume_continues_bit_for_bit() {
+    let dir = temp_dir("sigint");
+    let (whole, cut) = (dir.join("whole"), dir.join("cut"));
+    ok(train(&whole, &["--steps", "100"]));
+    let child = train_command(&cut, &["--steps", "100"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !cut.join("checkpoint/state.json").is_file() && start.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted after step"), "{err}");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cut.join("checkpoint/state.json")).unwrap()).unwrap();
+    let stopped = state["step"].as_u64().unwrap();
+    assert!((3..100).contains(&stopped), "stopped at {stopped}");
+    assert!(err.contains(&format!("after step {stopped}:")), "{err}");
+
+    ok(train(&cut, &["--steps", "100", "--resume"]));
+    assert_eq!(
+        std::fs::read_to_string(whole.join("losses.csv")).unwrap(),
+        std::fs::read_to_string(cut.join("losses.csv")).unwrap()
+    );
+    // Every exported tensor equal bit for bit (the header's metadata order may vary).
+    let f = "model/unet/diffusion_pytorch_model.safetensors";
+    let (a, b) = (
+        std::fs::read(whole.join(f)).unwrap(),
+        std::fs::read(cut.join(f)).unwrap(),
+    );
+    let (a, b) = (
+        safetensors::SafeTensors::deserialize(&a).unwrap(),
+        safetensors::SafeTensors::deserialize(&b).unwrap(),
+    );
+    assert_eq!(a.len(), b.len());
+    for (name, t) in a.tensors() {
+        assert!(
+            t.data() == b.tensor(&name).unwrap().data(),
+            "{name} differs between the whole run and the one interrupted at step {stopped}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn diverging_training_stops_naming_the_step_and_keeps_the_last_good_checkpoint() {
+    let dir = temp_dir("diverge");
+    let run = dir.join("run");
+    ok(train(&run, &["--steps", "3"]));
+    let good = std::fs::read(run.join("checkpoint/state.json")).unwrap();
+    // A learning rate no model survives: the weights overflow within a step or two.
+    let out = train(
+        &run,
+        &["--steps", "9", "--resume", "--lr", "1e38", "--warmup", "0"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not finite after step") || err.contains("the loss became"),
+        "{err}"
+    );
+    assert!(err.contains("lower --lr"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // The checkpoint on disk is still the good one, and training goes on from it.
+    assert_eq!(
+        std::fs::read(run.join("checkpoint/state.json")).unwrap(),
+        good
+    );
+    ok(train(&run, &["--steps", "4", "--resume"]));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

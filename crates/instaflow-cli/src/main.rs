@@ -103,6 +103,46 @@ pub fn progress_bar(len: u64) -> indicatif::ProgressBar {
     }
 }
 
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Exit code of a run stopped by Ctrl-C (SIGINT) after saving its state (128 + SIGINT).
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+/// A run stopped by Ctrl-C after writing what lets `--resume` continue it.
+#[derive(Debug)]
+pub struct Interrupted(pub String);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// Make the first Ctrl-C (SIGINT) a request that long jobs check between steps (they save a
+/// checkpoint and stop); a second Ctrl-C ends the process at once, as usual.
+pub fn catch_interrupt() {
+    extern "C" fn on_sigint(_: libc::c_int) {
+        INTERRUPTED.store(true, Ordering::SeqCst);
+        // SAFETY: signal() is async-signal-safe; restoring the default makes a second Ctrl-C
+        // terminate immediately.
+        unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
+    }
+    // SAFETY: installs a handler that only stores to an atomic and calls signal().
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        )
+    };
+}
+
+/// Whether Ctrl-C was pressed since [`catch_interrupt`].
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
 /// Keep freed memory in the process instead of handing it back to the kernel. glibc returns every
 /// block above 32 MiB (SD-1.5's conv buffers at 512² are 40–200 MB) to the kernel when it is
 /// freed, so each conv paid for fresh zeroed pages again: a fifth of CPU UNet time was page
@@ -159,6 +199,8 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             if e.downcast_ref::<memory::OutOfMemory>().is_some() {
                 ExitCode::from(memory::EXIT_OUT_OF_MEMORY)
+            } else if e.downcast_ref::<Interrupted>().is_some() {
+                ExitCode::from(EXIT_INTERRUPTED)
             } else {
                 ExitCode::FAILURE
             }

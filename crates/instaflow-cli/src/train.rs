@@ -43,9 +43,10 @@ pub struct TrainArgs {
     /// Batch size.
     #[arg(long, default_value_t = 32)]
     batch: usize,
-    /// Peak AdamW learning rate.
-    #[arg(long, default_value_t = 1e-3)]
-    lr: f64,
+    /// Peak AdamW learning rate [default: 1e-3]. With --resume: the checkpoint's, unless given
+    /// (e.g. a lower one after the loss diverged).
+    #[arg(long)]
+    lr: Option<f64>,
     /// Linear learning-rate warm-up steps.
     #[arg(long, default_value_t = 100)]
     warmup: usize,
@@ -78,7 +79,7 @@ fn check(args: &TrainArgs, stage: Stage) -> Result<()> {
         "--steps and --batch must be positive"
     );
     ensure!(
-        args.lr > 0.0 && args.lr.is_finite(),
+        args.lr.is_none_or(|lr| lr > 0.0 && lr.is_finite()),
         "--lr must be a positive number"
     );
     ensure!(
@@ -144,6 +145,8 @@ fn train<B: AutodiffBackend>(
         None => {
             let [c, h, _] = data.shape();
             let spec = ModelSpec::preset(&args.size, c, h).map_err(anyhow::Error::msg)?;
+            // The initial weights follow --seed too, so a run is reproducible from its command.
+            B::seed(device, args.seed);
             let model = spec.init::<B>(device).map_err(anyhow::Error::msg)?;
             (spec, model, embedded::tokenizer())
         }
@@ -158,7 +161,7 @@ fn train<B: AutodiffBackend>(
     let config = TrainConfig {
         steps: args.steps,
         batch: args.batch,
-        lr: args.lr,
+        lr: args.lr.unwrap_or(1e-3),
         warmup: args.warmup,
         weight_decay: args.weight_decay,
         grad_clip: 1.0,
@@ -175,6 +178,14 @@ fn train<B: AutodiffBackend>(
         };
         trainer.resume(&from)?;
         crate::note!("resumed at step {} from {}", trainer.step, from.display());
+        if let Some(lr) = args.lr.filter(|&lr| lr != trainer.config.lr) {
+            crate::note!(
+                "learning rate {} → {lr} from step {}",
+                trainer.config.lr,
+                trainer.step
+            );
+            trainer.config.lr = lr;
+        }
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
@@ -201,10 +212,22 @@ fn train<B: AutodiffBackend>(
         .map_err(anyhow::Error::msg)?;
         write_losses(&trainer.losses, stage, &args.out)
     };
+    crate::catch_interrupt();
     while trainer.step < args.steps {
         let loss = trainer.train_step(&data).map_err(anyhow::Error::msg)?;
         bar.set_position(trainer.step as u64);
         bar.set_message(format!("loss {loss:.4}"));
+        if crate::interrupted() {
+            export(&trainer)?;
+            bar.finish_and_clear();
+            return Err(crate::Interrupted(format!(
+                "interrupted after step {}: checkpoint and model written to {}; run the same \
+                 command with --resume to continue",
+                trainer.step,
+                args.out.display()
+            ))
+            .into());
+        }
         if trainer.step % args.checkpoint_every == 0 && trainer.step < args.steps {
             export(&trainer)?;
         }

@@ -346,6 +346,18 @@ impl<B: Backend> ModuleVisitor<B> for Collect<B> {
     }
 }
 
+/// Whether every float parameter is finite (checked before a checkpoint replaces the last one).
+struct AllFinite(bool);
+
+impl<B: Backend> ModuleVisitor<B> for AllFinite {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if self.0 {
+            let sum: f64 = param.val().abs().sum().into_scalar().elem();
+            self.0 = sum.is_finite();
+        }
+    }
+}
+
 /// `ema ← decay·ema + (1 − decay)·current`, parameter by parameter.
 struct Blend<B: Backend> {
     current: HashMap<ParamId, Tensor<B, 1>>,
@@ -503,7 +515,10 @@ impl<B: AutodiffBackend> Trainer<B> {
         };
         let value: f64 = loss.clone().into_scalar().elem();
         if !value.is_finite() {
-            return Err(format!("the loss became {value} at step {s}; lower --lr"));
+            return Err(format!(
+                "the loss became {value} at step {s}; nothing of this step was applied and the \
+                 last checkpoint is kept (lower --lr, then --resume)"
+            ));
         }
         let grads = GradientsParams::from_grads(loss.backward(), &self.model);
         self.model = self.optim.step(self.lr(s), self.model.clone(), grads);
@@ -522,6 +537,24 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// Write model, EMA, optimizer state and progress to `dir` (replaced atomically: a crash
     /// leaves either the previous checkpoint or the new one).
     pub fn save_checkpoint(&self, dir: &Path) -> Result<(), DataError> {
+        // Weights that diverged never replace the last good checkpoint.
+        let mut finite = AllFinite(true);
+        self.model.visit(&mut finite);
+        self.ema.visit(&mut finite);
+        if !finite.0 {
+            return Err(ckpt_err(
+                dir,
+                format!(
+                    "the weights are not finite after step {}; {} (lower --lr)",
+                    self.step,
+                    if dir.exists() {
+                        "the previous checkpoint is kept: --resume continues from it"
+                    } else {
+                        "no checkpoint was written"
+                    }
+                ),
+            ));
+        }
         let tmp = dir.with_extension("tmp");
         let old = dir.with_extension("old");
         let _ = std::fs::remove_dir_all(&tmp);
