@@ -314,6 +314,91 @@ fn diverging_training_stops_naming_the_step_and_keeps_the_last_good_checkpoint()
 }
 
 #[test]
+fn a_checkpoint_that_cannot_be_written_leaves_the_previous_one() {
+    let dir = temp_dir("full-disk");
+    let run = dir.join("run");
+    ok(train(&run, &["--steps", "3"]));
+    let good = std::fs::read(run.join("checkpoint/state.json")).unwrap();
+    // An injected write failure: the new checkpoint's folder cannot be made (a file is there).
+    std::fs::write(run.join("checkpoint.tmp"), b"in the way").unwrap();
+    let out = train(&run, &["--steps", "6", "--resume"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("writing the step-6 checkpoint failed")
+            && err.contains("previous checkpoint is kept"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(run.join("checkpoint/state.json")).unwrap(),
+        good
+    );
+    std::fs::remove_file(run.join("checkpoint.tmp")).unwrap();
+    ok(train(&run, &["--steps", "6", "--resume"]));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_nan_in_the_pairs_stops_the_run_or_is_skipped_with_on_nan_skip() {
+    let dir = temp_dir("nan-pairs");
+    let model = dir.join("rf");
+    ok(train(&model, &["--steps", "1"]));
+    let pairs = dir.join("pairs");
+    ok(instaflow()
+        .args([
+            "reflow", "--pairs", "16", "--chunk", "16", "--solver", "euler:1",
+        ])
+        .arg("--model")
+        .arg(model.join("model"))
+        .arg("--data")
+        .arg(data())
+        .arg("--out")
+        .arg(&pairs)
+        .output()
+        .unwrap());
+    // One NaN in pair 0's noise: every batch that draws it has a NaN loss.
+    let chunk = pairs.join("shard-0-of-1/chunk-00000.safetensors");
+    let bytes = std::fs::read(&chunk).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut noise = st.tensor("noise").unwrap().data().to_vec();
+    noise[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let views: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| match name.as_str() {
+            "noise" => {
+                let v = safetensors::tensor::TensorView::new(t.dtype(), t.shape().to_vec(), &noise)
+                    .unwrap();
+                (name, v)
+            }
+            _ => (name, t),
+        })
+        .collect();
+    std::fs::write(&chunk, safetensors::serialize(views, None).unwrap()).unwrap();
+    let student = |out: &str, extra: &[&str]| {
+        instaflow()
+            .args(["train", "--steps", "8", "--batch", "8"])
+            .args(extra)
+            .arg("--pairs")
+            .arg(&pairs)
+            .arg("--init")
+            .arg(model.join("model"))
+            .arg("--out")
+            .arg(dir.join(out))
+            .output()
+            .unwrap()
+    };
+    fails(student("stop", &[]), "the loss became NaN at step");
+    let out = student("skip", &["--on-nan", "skip"]);
+    let err = ok(out);
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("skip/train.json")).unwrap()).unwrap();
+    let skipped = summary["skipped_steps"].as_array().unwrap().len();
+    assert!((1..8).contains(&skipped), "{skipped} skipped: {err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn reflow_resumes_after_kill_9_without_gaps_or_duplicates() {
     let dir = temp_dir("kill");
     let model = dir.join("rf");

@@ -68,6 +68,10 @@ pub struct TrainArgs {
     /// Continue from OUT/checkpoint.
     #[arg(long)]
     resume: bool,
+    /// What a NaN/inf loss does: `stop` the run naming the step (the last checkpoint is kept), or
+    /// `skip` the batch and go on (10 in a row still stop: the weights have diverged).
+    #[arg(long, value_enum, default_value_t = OnNan::Stop)]
+    on_nan: OnNan,
     /// Export the model in f16 (half the size; computed in f32 when loaded).
     #[arg(long)]
     half: bool,
@@ -102,6 +106,15 @@ fn check(args: &TrainArgs, stage: Stage) -> Result<()> {
         (_, None, None) => bail!("give --data (1-RF) or --pairs (reflow)"),
         _ => Ok(()),
     }
+}
+
+/// `--on-nan`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnNan {
+    /// Stop with an error naming the step.
+    Stop,
+    /// Drop the batch, count it, go on.
+    Skip,
 }
 
 /// Run `instaflow train` (`stage` Flow/Reflow) or `instaflow distill`.
@@ -171,6 +184,7 @@ fn train<B: AutodiffBackend>(
     };
     let mut trainer =
         Trainer::new(model, config, stage, tokenizer, device).map_err(anyhow::Error::msg)?;
+    trainer.skip_non_finite = args.on_nan == OnNan::Skip;
     let ckpt = args.out.join("checkpoint");
     if args.resume {
         let Some(from) = checkpoint_to_resume(&ckpt) else {
@@ -234,6 +248,13 @@ fn train<B: AutodiffBackend>(
     }
     export(&trainer)?;
     bar.finish_and_clear();
+    if !trainer.skipped.is_empty() {
+        eprintln!(
+            "warning: {} batch(es) dropped for a non-finite loss, at steps {:?}",
+            trainer.skipped.len(),
+            trainer.skipped
+        );
+    }
     let seconds = start.elapsed().as_secs_f64();
     let steps = trainer.step - first;
     let summary = serde_json::json!({
@@ -244,6 +265,7 @@ fn train<B: AutodiffBackend>(
         "seconds_this_run": seconds,
         "samples_per_second": (steps * args.batch) as f64 / seconds.max(1e-9),
         "final_loss": trainer.losses.last().map(|l| l.1),
+        "skipped_steps": trainer.skipped,
     });
     std::fs::write(
         args.out.join("train.json"),

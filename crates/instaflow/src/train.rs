@@ -183,7 +183,10 @@ pub(crate) fn save_safetensors<B: Backend, M: ModuleSnapshot<B>>(
     path: &Path,
     half: bool,
 ) -> Result<(), String> {
-    let store = SafetensorsStore::from_file(path)
+    // Written beside the target and renamed over it: an interrupted export never leaves a
+    // half-written weights file where the last good one was.
+    let tmp = path.with_extension("tmp.safetensors");
+    let store = SafetensorsStore::from_file(&tmp)
         .overwrite(true)
         .skip_enum_variants(true);
     let store = if half {
@@ -194,9 +197,14 @@ pub(crate) fn save_safetensors<B: Backend, M: ModuleSnapshot<B>>(
     let mut store = SAVE_REMAPS
         .iter()
         .fold(store, |s, (from, to)| s.with_key_remapping(*from, *to));
-    module
+    let saved = module
         .save_into(&mut store)
-        .map_err(|e| format!("writing {}: {e}", path.display()))
+        .map_err(|e| e.to_string())
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| e.to_string()));
+    saved.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("writing {}: {e}", path.display())
+    })
 }
 
 /// Write `model` as a diffusers folder (`model_index.json`, `unet/`, `text_encoder/`, `tokenizer/`)
@@ -388,6 +396,10 @@ pub fn checkpoint_to_resume(dir: &Path) -> Option<PathBuf> {
 type Optim<B> = OptimizerAdaptor<AdamW, TextToImage<B>, B>;
 type Rec = NamedMpkFileRecorder<FullPrecisionSettings>;
 
+/// With [`Trainer::skip_non_finite`], this many dropped batches in a row stop the run: the
+/// weights themselves have diverged.
+pub const MAX_SKIPPED_IN_A_ROW: usize = 10;
+
 /// A training run in progress: model, EMA copy, optimizer state and loss history.
 pub struct Trainer<B: AutodiffBackend> {
     /// The model being optimised.
@@ -403,6 +415,10 @@ pub struct Trainer<B: AutodiffBackend> {
     pub config: TrainConfig,
     /// What is being fitted.
     pub stage: Stage,
+    /// Drop a batch whose loss is NaN/inf and go on (instead of stopping the run).
+    pub skip_non_finite: bool,
+    /// Steps whose batch was dropped for a non-finite loss (this run).
+    pub skipped: Vec<usize>,
     tokenizer: ClipTokenizer,
     empty_ids: Vec<u32>,
     device: B::Device,
@@ -437,6 +453,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             optim,
             step: 0,
             losses: Vec::new(),
+            skip_non_finite: false,
+            skipped: Vec::new(),
             config,
             stage,
             tokenizer,
@@ -514,6 +532,24 @@ impl<B: AutodiffBackend> Trainer<B> {
             }
         };
         let value: f64 = loss.clone().into_scalar().elem();
+        if !value.is_finite() && self.skip_non_finite {
+            // Every step has its own seeded draw, so skipping keeps the schedule of the rest.
+            self.skipped.push(s);
+            self.step += 1;
+            let run = self
+                .skipped
+                .iter()
+                .rev()
+                .zip((0..=s).rev())
+                .take_while(|(a, b)| *a == b);
+            if run.count() >= MAX_SKIPPED_IN_A_ROW {
+                return Err(format!(
+                    "the loss was {value} for {MAX_SKIPPED_IN_A_ROW} steps in a row (last: step \
+                     {s}): the weights have diverged, not one batch (lower --lr, then --resume)"
+                ));
+            }
+            return Ok(value);
+        }
         if !value.is_finite() {
             return Err(format!(
                 "the loss became {value} at step {s}; nothing of this step was applied and the \
@@ -557,26 +593,44 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         let tmp = dir.with_extension("tmp");
         let old = dir.with_extension("old");
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|e| ckpt_err(&tmp, e))?;
-        let rec = Rec::new();
-        rec.record(self.model.clone().into_record(), tmp.join("model"))
-            .map_err(|e| ckpt_err(&tmp, e))?;
-        rec.record(self.ema.clone().into_record(), tmp.join("ema"))
-            .map_err(|e| ckpt_err(&tmp, e))?;
-        rec.record(self.optim.to_record(), tmp.join("optim"))
-            .map_err(|e| ckpt_err(&tmp, e))?;
-        let state = State {
-            step: self.step,
-            stage: self.stage,
-            config: self.config.clone(),
-            losses: self.losses.clone(),
+        let write = || -> Result<(), String> {
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
+            let rec = Rec::new();
+            rec.record(self.model.clone().into_record(), tmp.join("model"))
+                .map_err(|e| e.to_string())?;
+            rec.record(self.ema.clone().into_record(), tmp.join("ema"))
+                .map_err(|e| e.to_string())?;
+            rec.record(self.optim.to_record(), tmp.join("optim"))
+                .map_err(|e| e.to_string())?;
+            let state = State {
+                step: self.step,
+                stage: self.stage,
+                config: self.config.clone(),
+                losses: self.losses.clone(),
+            };
+            std::fs::write(
+                tmp.join("state.json"),
+                serde_json::to_vec(&state).expect("json"),
+            )
+            .map_err(|e| e.to_string())
         };
-        std::fs::write(
-            tmp.join("state.json"),
-            serde_json::to_vec(&state).expect("json"),
-        )
-        .map_err(|e| ckpt_err(&tmp, e))?;
+        // A failed write (a full disk, say) leaves the last checkpoint as it was.
+        if let Err(e) = write() {
+            let _ = std::fs::remove_dir_all(&tmp);
+            let kept = if dir.exists() {
+                "the previous checkpoint is kept"
+            } else {
+                "no earlier checkpoint exists"
+            };
+            return Err(ckpt_err(
+                &tmp,
+                format!(
+                    "writing the step-{} checkpoint failed ({e}); {kept}",
+                    self.step
+                ),
+            ));
+        }
         if dir.exists() {
             let _ = std::fs::remove_dir_all(&old);
             std::fs::rename(dir, &old).map_err(|e| ckpt_err(dir, e))?;
