@@ -5,14 +5,14 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use clap::Args;
 use instaflow::pipeline::{GenerateOptions, to_rgb8};
 use instaflow::solvers::euler;
 use instaflow::velocity::Guided;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 
 use crate::backend::{BackendChoice, Precision, Selected, device_memory, resolve, set_precision};
 use crate::{embedded, with_backend};
@@ -106,47 +106,8 @@ fn indexed(path: &Path, i: usize, n: usize) -> PathBuf {
 /// The initial latents from `--noise`: one finite f32 tensor of rank 4.
 fn read_noise(path: &Path, channels: usize) -> Result<(Vec<usize>, Vec<f32>)> {
     let bytes = fs::read(path).with_context(|| format!("--noise {}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-        anyhow::anyhow!(
-            "--noise {}: not a valid safetensors file ({e})",
-            path.display()
-        )
-    })?;
-    let names = st.names();
-    ensure!(
-        names.len() == 1,
-        "--noise {}: expected exactly one tensor, found {}",
-        path.display(),
-        names.len()
-    );
-    let t = st.tensor(names[0])?;
-    ensure!(
-        t.dtype() == Dtype::F32,
-        "--noise {}: tensor `{}` is {:?}, expected F32",
-        path.display(),
-        names[0],
-        t.dtype()
-    );
-    let shape = t.shape().to_vec();
-    ensure!(
-        shape.len() == 4 && shape[1] == channels && shape.iter().all(|&d| d > 0),
-        "--noise {}: tensor `{}` has shape {shape:?}, expected [B, {channels}, h, w]",
-        path.display(),
-        names[0]
-    );
-    let values: Vec<f32> = t
-        .data()
-        .chunks(4)
-        .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-        .collect();
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        bail!(
-            "--noise {}: value {i} is {} (noise must be finite)",
-            path.display(),
-            values[i]
-        );
-    }
-    Ok((shape, values))
+    instaflow::noise::from_safetensors(&bytes, channels)
+        .map_err(|e| anyhow::anyhow!("--noise {}: {e}", path.display()))
 }
 
 /// Run `instaflow generate`.

@@ -1,5 +1,5 @@
 //! Mutation tests of every reader of files a user hands us: safetensors weights, config.json,
-//! tokenizer files, reflow pair folders and data sets. Each target takes 10,000 inputs made by
+//! tokenizer files, noise files, reflow pair folders and data sets. Each target takes 10,000 inputs made by
 //! mutating a valid one (bytes set, flipped, inserted, deleted, truncated; numbers swapped for
 //! extreme ones) and must return `Ok` or `Err` — never panic, never hang. proptest keeps any
 //! failing input in `proptest-regressions/` next to this file, replayed first on every run.
@@ -155,6 +155,24 @@ fn tokenizer_files() {
         };
         if let Ok(tok) = crate::tokenizer::ClipTokenizer::from_vocab_merges(&v, &m, None) {
             let _ = tok.encode("red heart");
+        }
+    });
+}
+
+#[test]
+fn noise_files() {
+    let values: Vec<u8> = (0..2 * 4 * 2 * 2)
+        .flat_map(|i| (i as f32 * 0.1).to_le_bytes())
+        .collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 4, 2, 2], &values)
+            .unwrap();
+    let seed = safetensors::serialize([("noise", view)], None).unwrap();
+    assert!(crate::noise::from_safetensors(&seed, 4).is_ok());
+    proptest!(config(), |(edits in edits())| {
+        if let Ok((shape, values)) = crate::noise::from_safetensors(&mutate(&seed, &edits), 4) {
+            prop_assert_eq!(shape.iter().product::<usize>(), values.len());
+            prop_assert!(values.iter().all(|v| v.is_finite()));
         }
     });
 }

@@ -30,6 +30,45 @@ pub fn gaussian<B: Backend, const D: usize>(
     Tensor::from_data(TensorData::new(standard_normal(rng, n), shape), device)
 }
 
+/// Initial latents from a safetensors file: exactly one finite f32 tensor `[B, channels, h, w]`.
+/// Returns its shape and values, or a message naming what is wrong.
+pub fn from_safetensors(bytes: &[u8], channels: usize) -> Result<(Vec<usize>, Vec<f32>), String> {
+    use safetensors::{Dtype, SafeTensors};
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| format!("not a valid safetensors file ({e})"))?;
+    let names = st.names();
+    if names.len() != 1 {
+        return Err(format!(
+            "expected exactly one tensor, found {}",
+            names.len()
+        ));
+    }
+    let t = st.tensor(names[0]).map_err(|e| e.to_string())?;
+    if t.dtype() != Dtype::F32 {
+        return Err(format!(
+            "tensor `{}` is {:?}, expected F32",
+            names[0],
+            t.dtype()
+        ));
+    }
+    let shape = t.shape().to_vec();
+    if !(shape.len() == 4 && shape[1] == channels && shape.iter().all(|&d| d > 0)) {
+        return Err(format!(
+            "tensor `{}` has shape {shape:?}, expected [B, {channels}, h, w]",
+            names[0]
+        ));
+    }
+    let values: Vec<f32> = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(format!("value {i} is {} (noise must be finite)", values[i]));
+    }
+    Ok((shape, values))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
