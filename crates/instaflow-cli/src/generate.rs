@@ -232,7 +232,13 @@ fn generate<B: Backend>(
         w.saturating_mul(pipe.vae_scale),
         h.saturating_mul(pipe.vae_scale)
     );
-    crate::memory::check(&request, &estimate, selected, args.max_memory)?;
+    crate::memory::check(
+        &request,
+        &estimate,
+        selected,
+        args.max_memory,
+        float_bytes == 2,
+    )?;
     let scale = args
         .scale
         .unwrap_or(if args.model.is_none() { 16 } else { 1 });

@@ -86,6 +86,7 @@ pub fn check(
     estimate: &MemoryEstimate,
     selected: &Selected,
     max_memory: Option<u64>,
+    half: bool,
 ) -> Result<()> {
     let on_cpu = matches!(selected, Selected::Cpu | Selected::Ndarray);
     let (limit, what) = match (max_memory, available_ram()) {
@@ -113,7 +114,11 @@ pub fn check(
             human(estimate.activations),
             human(estimate.noise),
             human(limit),
-            if on_cpu { "" } else { ", or --precision f16" },
+            if on_cpu || half {
+                ""
+            } else {
+                ", or --precision f16"
+            },
         )));
     }
     Ok(())
