@@ -285,57 +285,62 @@ fn ctrl_c_saves_a_checkpoint_and_resume_continues_bit_for_bit() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-#[test]
-fn diverging_training_stops_naming_the_step_and_keeps_the_last_good_checkpoint() {
-    let dir = temp_dir("diverge");
+/// Train 3 steps; `break_it` may plant a fault in the run folder; a `--resume` run with `extra`
+/// must then fail saying `needle`, leave the 3-step checkpoint as it was, and (after `repair`) a
+/// plain `--resume` continues from it.
+fn failed_resume_keeps_the_checkpoint(
+    name: &str,
+    break_it: impl FnOnce(&Path),
+    extra: &[&str],
+    needle: &str,
+    repair: impl FnOnce(&Path),
+) -> String {
+    let dir = temp_dir(name);
     let run = dir.join("run");
     ok(train(&run, &["--steps", "3"]));
     let good = std::fs::read(run.join("checkpoint/state.json")).unwrap();
-    // A learning rate no model survives: the weights overflow within a step or two.
-    let out = train(
-        &run,
-        &["--steps", "9", "--resume", "--lr", "1e38", "--warmup", "0"],
+    break_it(&run);
+    let out = train(&run, &[&["--resume"], extra].concat());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    fails(out, needle);
+    assert_eq!(
+        std::fs::read(run.join("checkpoint/state.json")).unwrap(),
+        good
     );
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    repair(&run);
+    ok(train(&run, &["--steps", "6", "--resume"]));
+    std::fs::remove_dir_all(&dir).unwrap();
+    err
+}
+
+#[test]
+fn diverging_training_stops_naming_the_step_and_keeps_the_last_good_checkpoint() {
+    // A learning rate no model survives: the weights overflow within a step or two.
+    let err = failed_resume_keeps_the_checkpoint(
+        "diverge",
+        |_| {},
+        &["--steps", "9", "--lr", "1e38", "--warmup", "0"],
+        "lower --lr",
+        |_| {},
+    );
     assert!(
         err.contains("not finite after step") || err.contains("the loss became"),
         "{err}"
     );
-    assert!(err.contains("lower --lr"), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    // The checkpoint on disk is still the good one, and training goes on from it.
-    assert_eq!(
-        std::fs::read(run.join("checkpoint/state.json")).unwrap(),
-        good
-    );
-    ok(train(&run, &["--steps", "4", "--resume"]));
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn a_checkpoint_that_cannot_be_written_leaves_the_previous_one() {
-    let dir = temp_dir("full-disk");
-    let run = dir.join("run");
-    ok(train(&run, &["--steps", "3"]));
-    let good = std::fs::read(run.join("checkpoint/state.json")).unwrap();
     // An injected write failure: the new checkpoint's folder cannot be made (a file is there).
-    std::fs::write(run.join("checkpoint.tmp"), b"in the way").unwrap();
-    let out = train(&run, &["--steps", "6", "--resume"]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("writing the step-6 checkpoint failed")
-            && err.contains("previous checkpoint is kept"),
-        "{err}"
+    let blocker = |run: &Path| run.join("checkpoint.tmp");
+    let err = failed_resume_keeps_the_checkpoint(
+        "full-disk",
+        |run| std::fs::write(blocker(run), b"in the way").unwrap(),
+        &["--steps", "6"],
+        "writing the step-6 checkpoint failed",
+        |run| std::fs::remove_file(blocker(run)).unwrap(),
     );
-    assert_eq!(
-        std::fs::read(run.join("checkpoint/state.json")).unwrap(),
-        good
-    );
-    std::fs::remove_file(run.join("checkpoint.tmp")).unwrap();
-    ok(train(&run, &["--steps", "6", "--resume"]));
-    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(err.contains("previous checkpoint is kept"), "{err}");
 }
 
 #[test]
