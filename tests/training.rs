@@ -561,3 +561,105 @@ fn reflow_from_an_epsilon_sd_teacher_with_ddim_or_dpm_solver_and_a_jsonl_prompt_
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Every tensor of an exported UNet, by name.
+fn unet_tensors(run: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(run.join("model/unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut all: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let values = t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            (name, values)
+        })
+        .collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all
+}
+
+fn losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("losses.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn data_parallel_training_takes_the_steps_of_one_device_and_resumes_on_any_count() {
+    let dir = temp_dir("data-parallel");
+    let (one, two) = (dir.join("one"), dir.join("two"));
+    let steps = ["--steps", "10", "--lr", "3e-3", "--warmup", "2"];
+    ok(train(&one, &steps));
+    // Two workers for 5 steps, then resumed on four: the same 10 steps as one device.
+    ok(train(
+        &two,
+        &[
+            "--devices",
+            "cpu:2",
+            "--steps",
+            "5",
+            "--lr",
+            "3e-3",
+            "--warmup",
+            "2",
+        ],
+    ));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(two.join("train.json")).unwrap()).unwrap();
+    let workers = summary["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 2, "{summary}");
+    for w in workers {
+        assert_eq!(w["steps"], 5, "{summary}");
+        assert!(w["all_reduce_seconds"].as_f64().unwrap() > 0.0, "{summary}");
+    }
+    ok(train(
+        &two,
+        &["--devices", "cpu:4", "--resume", "--steps", "10"],
+    ));
+
+    let (a, b) = (losses(&one), losses(&two));
+    assert_eq!(a.len(), 10);
+    assert_eq!(a.len(), b.len());
+    for (s, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs(),
+            "step {s}: loss {x} on one device, {y} on several"
+        );
+    }
+    let (a, b) = (unet_tensors(&one), unet_tensors(&two));
+    assert_eq!(a.len(), b.len());
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        let d = common::max_abs_diff(x, y);
+        assert!(d <= 1e-5, "{name}: {d} apart after 10 steps");
+    }
+
+    // Bad device lists and batches fail before training, naming the problem.
+    let bad = dir.join("bad");
+    fails(
+        train(&bad, &["--devices", "tpu:0"]),
+        "unknown device kind `tpu`",
+    );
+    fails(
+        train(&bad, &["--devices", "cpu:3"]),
+        "--batch 8 does not split evenly over 3 workers",
+    );
+    fails(
+        train(&bad, &["--devices", "wgpu:0"]),
+        "--backend cpu and --devices wgpu:0 disagree",
+    );
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_instaflow"));
+    cmd.args(["train", "--devices", "wgpu:99", "--data"])
+        .arg(data())
+        .arg("--out")
+        .arg(&bad);
+    fails(cmd.output().unwrap(), "there is no wgpu adapter 99");
+    assert!(!bad.join("checkpoint").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,6 +1,6 @@
 //! Choosing a burn backend at run time (`--backend auto|cpu|ndarray|wgpu|cuda`).
 
-use anyhow::{Result, bail};
+use anyhow::{Result, bail, ensure};
 use burn::backend::wgpu::{WgpuDevice, WgpuRuntime};
 use burn::tensor::{FloatDType, IntDType, set_default_dtypes};
 use clap::ValueEnum;
@@ -242,4 +242,162 @@ pub fn device_memory(selected: &Selected) -> Option<(u64, u64)> {
         _ => return None,
     };
     Some((usage.bytes_reserved, usage.bytes_in_use))
+}
+
+/// Most workers `--devices` accepts (a bound on the threads and model copies it starts).
+pub const MAX_WORKERS: usize = 256;
+
+/// The devices of a data-parallel training run (`--devices`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceList {
+    /// This many workers on the CPU (flex), sharing its cores.
+    Cpu(usize),
+    /// wgpu adapters, by their index in wgpu's list (the order `instaflow backends` reports).
+    Wgpu(Vec<usize>),
+    /// CUDA devices by ordinal.
+    Cuda(Vec<usize>),
+}
+
+impl DeviceList {
+    /// Parse `cpu:N`, `cuda:0,cuda:1` (or `cuda:0,1`), `wgpu:0,wgpu:1` (or `wgpu:0,1`).
+    pub fn parse(spec: &str) -> Result<Self> {
+        let usage = "use cpu:N (N CPU workers), cuda:0,1,… or wgpu:0,1,…";
+        let mut kind: Option<&str> = None;
+        let mut ids = Vec::new();
+        for part in spec.split(',').map(str::trim) {
+            let index = match part.split_once(':') {
+                Some((k, i)) => {
+                    if kind.is_some_and(|prev| prev != k) {
+                        bail!("--devices `{spec}` mixes device kinds; one kind per run ({usage})");
+                    }
+                    kind = Some(k);
+                    i
+                }
+                None if kind.is_some() => part,
+                None => bail!("--devices `{spec}`: `{part}` names no device kind ({usage})"),
+            };
+            let index: usize = index
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--devices `{spec}`: `{index}` is not a number"))?;
+            ensure!(
+                !ids.contains(&index),
+                "--devices `{spec}` names device {index} twice"
+            );
+            ids.push(index);
+        }
+        let list = match kind {
+            Some("cpu") if ids.len() == 1 => Self::Cpu(ids[0]),
+            Some("cpu") => {
+                bail!("--devices `{spec}`: the CPU is one device; say cpu:N for N workers")
+            }
+            Some("cuda") => Self::Cuda(ids),
+            Some("wgpu") => Self::Wgpu(ids),
+            Some(other) => bail!("--devices `{spec}`: unknown device kind `{other}` ({usage})"),
+            None => bail!("--devices is empty ({usage})"),
+        };
+        ensure!(
+            (1..=MAX_WORKERS).contains(&list.len()),
+            "--devices `{spec}` asks for {} workers; between 1 and {MAX_WORKERS} are possible",
+            list.len()
+        );
+        Ok(list)
+    }
+
+    /// Number of workers.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Cpu(n) => *n,
+            Self::Wgpu(ids) | Self::Cuda(ids) => ids.len(),
+        }
+    }
+
+    /// The backend these devices belong to.
+    pub fn backend(&self) -> BackendChoice {
+        match self {
+            Self::Cpu(_) => BackendChoice::Cpu,
+            Self::Wgpu(_) => BackendChoice::Wgpu,
+            Self::Cuda(_) => BackendChoice::Cuda,
+        }
+    }
+}
+
+/// The wgpu devices at these positions of wgpu's adapter list, or an error naming the missing one.
+pub fn wgpu_devices(ids: &[usize]) -> Result<Vec<WgpuDevice>> {
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let kinds: Vec<wgpu::DeviceType> =
+        futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+            .iter()
+            .map(|a| a.get_info().device_type)
+            .collect();
+    ids.iter()
+        .map(|&i| {
+            let Some(&kind) = kinds.get(i) else {
+                bail!(
+                    "--devices: there is no wgpu adapter {i} (this machine has {}; see `instaflow \
+                     backends`)",
+                    kinds.len()
+                );
+            };
+            // burn names an adapter by its type and its index among adapters of that type.
+            let nth = kinds[..i].iter().filter(|&&k| k == kind).count();
+            Ok(match kind {
+                wgpu::DeviceType::DiscreteGpu => WgpuDevice::DiscreteGpu(nth),
+                wgpu::DeviceType::IntegratedGpu => WgpuDevice::IntegratedGpu(nth),
+                wgpu::DeviceType::VirtualGpu => WgpuDevice::VirtualGpu(nth),
+                _ => WgpuDevice::Cpu,
+            })
+        })
+        .collect()
+}
+
+/// The CUDA devices with these ordinals, or an error naming the missing one.
+#[cfg(feature = "cuda")]
+pub fn cuda_devices(ids: &[usize]) -> Result<Vec<burn::backend::cuda::CudaDevice>> {
+    use burn::backend::cuda::CudaDevice;
+    ensure!(
+        cuda_works(),
+        "--devices cuda:…: no usable CUDA device (the NVIDIA driver and NVRTC must be installed)"
+    );
+    let count = cubecl::cuda::CudaRuntime::client(&CudaDevice::default()).device_count_total();
+    ids.iter()
+        .map(|&i| {
+            ensure!(
+                i < count,
+                "--devices: there is no CUDA device {i} (this machine has {count})"
+            );
+            Ok(CudaDevice::new(i))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_lists_parse_and_bad_ones_say_why() {
+        assert_eq!(DeviceList::parse("cpu:4").unwrap(), DeviceList::Cpu(4));
+        assert_eq!(
+            DeviceList::parse("cuda:0,cuda:1").unwrap(),
+            DeviceList::Cuda(vec![0, 1])
+        );
+        assert_eq!(
+            DeviceList::parse("wgpu:1, 0").unwrap(),
+            DeviceList::Wgpu(vec![1, 0])
+        );
+        for (spec, needle) in [
+            ("tpu:0", "unknown device kind `tpu`"),
+            ("cpu:0", "between 1 and"),
+            ("cpu:100000", "between 1 and"),
+            ("cpu:1,cpu:2", "the CPU is one device"),
+            ("cuda:0,wgpu:1", "mixes device kinds"),
+            ("cuda:0,0", "twice"),
+            ("cuda:x", "`x` is not a number"),
+            ("0,1", "names no device kind"),
+        ] {
+            let e = DeviceList::parse(spec).unwrap_err().to_string();
+            assert!(e.contains(needle), "{spec}: {e}");
+        }
+    }
 }

@@ -2,21 +2,28 @@
 //! one-step distillation — with progress, periodic checkpoints, `--resume` and model export.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
+use burn::backend::{Autodiff, Flex, Wgpu};
+use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
-use clap::Args;
+use clap::{Args, ValueEnum};
 use indicatif::ProgressStyle;
 use instaflow::data::ImageTextDataset;
+use instaflow::data_parallel::Replica;
 use instaflow::reflow::PairSet;
 use instaflow::source::ModelSource;
 use instaflow::tokenizer::ClipTokenizer;
 use instaflow::train::{
-    ModelSpec, Stage, TrainConfig, TrainData, Trainer, checkpoint_to_resume, load_model, save_model,
+    ModelSpec, Stage, TextToImage, TrainConfig, TrainData, Trainer, checkpoint_to_resume,
+    load_model, save_model,
 };
 
-use crate::backend::{BackendChoice, resolve};
+#[cfg(feature = "cuda")]
+use crate::backend::cuda_devices;
+use crate::backend::{BackendChoice, DeviceList, resolve, wgpu_devices};
 use crate::{embedded, plots, with_backend};
 
 /// Options of `instaflow train` / `instaflow distill`.
@@ -75,6 +82,13 @@ pub struct TrainArgs {
     /// Export the model in f16 (half the size; computed in f32 when loaded).
     #[arg(long)]
     half: bool,
+    /// Train data-parallel on several devices: `cpu:N` (N workers sharing the CPU),
+    /// `cuda:0,1,…` or `wgpu:0,1,…` (one worker per device; wgpu numbers as `instaflow
+    /// backends` lists). Each worker computes an equal share of every --batch (which must split
+    /// evenly) and gradients are averaged before each update, so the run takes the same steps as
+    /// one device with the same --batch. Chooses the backend (--backend must agree or be auto).
+    #[arg(long, value_name = "DEVICES")]
+    devices: Option<String>,
 }
 
 fn check(args: &TrainArgs, stage: Stage) -> Result<()> {
@@ -137,17 +151,54 @@ pub fn run(choice: BackendChoice, args: TrainArgs, distill: bool) -> Result<()> 
         (_, Some(p)) => TrainData::Pairs(PairSet::load(p)?),
         _ => unreachable!("checked above"),
     };
+    if let Some(spec) = &args.devices {
+        let list = DeviceList::parse(spec)?;
+        let name = |c: BackendChoice| c.to_possible_value().map(|v| v.get_name().to_string());
+        ensure!(
+            choice == BackendChoice::Auto || choice == list.backend(),
+            "--backend {} and --devices {spec} disagree; give one of them",
+            name(choice).unwrap_or_default()
+        );
+        crate::note!("data parallel: {} workers ({spec})", list.len());
+        return match list {
+            DeviceList::Cpu(n) => {
+                train::<Autodiff<Flex>>(&args, stage, data, vec![Default::default(); n])
+            }
+            DeviceList::Wgpu(ids) => {
+                train::<Autodiff<Wgpu>>(&args, stage, data, wgpu_devices(&ids)?)
+            }
+            #[cfg(feature = "cuda")]
+            DeviceList::Cuda(ids) => {
+                train::<Autodiff<burn::backend::Cuda>>(&args, stage, data, cuda_devices(&ids)?)
+            }
+            #[cfg(not(feature = "cuda"))]
+            DeviceList::Cuda(_) => bail!("--devices cuda:…: this binary was built without `cuda`"),
+        };
+    }
     let selected = resolve(choice)?;
     crate::note!("backend: {}", selected.name());
-    with_backend!(autodiff &selected, B, device => train::<B>(&args, stage, data, &device))
+    with_backend!(autodiff &selected, B, device => train::<B>(&args, stage, data, vec![device]))
 }
 
+/// Train on `devices`, one worker each. The first worker runs on this thread and reports, writes
+/// checkpoints and exports the model; the others compute their shares of each batch.
 fn train<B: AutodiffBackend>(
     args: &TrainArgs,
     stage: Stage,
     data: TrainData,
-    device: &B::Device,
+    devices: Vec<B::Device>,
 ) -> Result<()> {
+    let device = &devices[0];
+    let workers = devices.len();
+    let group = |rank| {
+        (workers > 1).then_some(Replica {
+            rank,
+            count: workers,
+        })
+    };
+    if let Some(r) = group(0) {
+        r.check_batch(args.batch).map_err(anyhow::Error::msg)?;
+    }
     let (spec, model, tokenizer_source) = match &args.init {
         Some(dir) => {
             let source = ModelSource::dir(dir);
@@ -182,15 +233,28 @@ fn train<B: AutodiffBackend>(
         caption_dropout: args.caption_dropout,
         seed: args.seed,
     };
-    let mut trainer =
-        Trainer::new(model, config, stage, tokenizer, device).map_err(anyhow::Error::msg)?;
-    trainer.skip_non_finite = args.on_nan == OnNan::Skip;
     let ckpt = args.out.join("checkpoint");
-    if args.resume {
-        let Some(from) = checkpoint_to_resume(&ckpt) else {
-            bail!("--resume: no checkpoint in {}", ckpt.display());
-        };
-        trainer.resume(&from)?;
+    let resume_from = match args.resume {
+        true => match checkpoint_to_resume(&ckpt) {
+            Some(from) => Some(from),
+            None => bail!("--resume: no checkpoint in {}", ckpt.display()),
+        },
+        false => None,
+    };
+    // Every worker builds the same trainer: the same weights, the same checkpoint resumed.
+    let on_nan_skip = args.on_nan == OnNan::Skip;
+    let from = resume_from.clone();
+    let make = move |model: TextToImage<B>, device: &B::Device| -> Result<Trainer<B>> {
+        let mut trainer = Trainer::new(model, config.clone(), stage, tokenizer.clone(), device)
+            .map_err(anyhow::Error::msg)?;
+        trainer.skip_non_finite = on_nan_skip;
+        if let Some(from) = &from {
+            trainer.resume(from)?;
+        }
+        Ok(trainer)
+    };
+    let mut trainer = make(model.clone(), device)?;
+    if let Some(from) = &resume_from {
         crate::note!("resumed at step {} from {}", trainer.step, from.display());
         if let Some(lr) = args.lr.filter(|&lr| lr != trainer.config.lr) {
             crate::note!(
@@ -198,11 +262,71 @@ fn train<B: AutodiffBackend>(
                 trainer.config.lr,
                 trainer.step
             );
-            trainer.config.lr = lr;
         }
+    }
+    if let Some(lr) = args.lr {
+        trainer.config.lr = lr;
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
+    crate::catch_interrupt();
+
+    // The other workers, each on its own thread. A worker that fails ends the process: the rest
+    // of the group would otherwise wait for it forever (checkpoints are replaced atomically).
+    let data = Arc::new(data);
+    let (reports, reported) = mpsc::channel::<WorkerReport>();
+    for (rank, worker_device) in devices.iter().enumerate().skip(1) {
+        let (make, model, data, reports) =
+            (make.clone(), model.clone(), data.clone(), reports.clone());
+        let (worker_device, steps, lr) = (worker_device.clone(), args.steps, args.lr);
+        let replica = Replica {
+            rank,
+            count: workers,
+        };
+        std::thread::spawn(move || {
+            let run = || -> Result<WorkerReport> {
+                let mut trainer = make(model.fork(&worker_device), &worker_device)?;
+                if let Some(lr) = lr {
+                    trainer.config.lr = lr;
+                }
+                replica
+                    .join::<B>(&worker_device)
+                    .map_err(anyhow::Error::msg)?;
+                trainer.join_group(replica).map_err(anyhow::Error::msg)?;
+                let (start, first) = (Instant::now(), trainer.step);
+                while trainer.step < steps {
+                    trainer.train_step(&data).map_err(anyhow::Error::msg)?;
+                    if trainer
+                        .anyone(crate::interrupted())
+                        .map_err(anyhow::Error::msg)?
+                    {
+                        break;
+                    }
+                }
+                replica.leave::<B>().map_err(anyhow::Error::msg)?;
+                Ok(WorkerReport::of(
+                    &trainer,
+                    rank,
+                    &worker_device,
+                    first,
+                    start,
+                ))
+            };
+            match run() {
+                Ok(report) => drop(reports.send(report)),
+                Err(e) => {
+                    eprintln!("error: training worker {rank} ({worker_device:?}) failed: {e:#}");
+                    std::process::exit(1);
+                }
+            }
+        });
+    }
+    drop(reports);
+    if let Some(replica) = group(0) {
+        replica.join::<B>(device).map_err(anyhow::Error::msg)?;
+        trainer.join_group(replica).map_err(anyhow::Error::msg)?;
+    }
+
     let bar = crate::progress_bar(args.steps as u64);
     bar.set_style(
         ProgressStyle::with_template(
@@ -226,12 +350,19 @@ fn train<B: AutodiffBackend>(
         .map_err(anyhow::Error::msg)?;
         write_losses(&trainer.losses, stage, &args.out)
     };
-    crate::catch_interrupt();
     while trainer.step < args.steps {
         let loss = trainer.train_step(&data).map_err(anyhow::Error::msg)?;
         bar.set_position(trainer.step as u64);
-        bar.set_message(format!("loss {loss:.4}"));
-        if crate::interrupted() {
+        let share = trainer.all_reduce_seconds / start.elapsed().as_secs_f64().max(1e-9);
+        bar.set_message(match workers {
+            1 => format!("loss {loss:.4}"),
+            _ => format!("loss {loss:.4} · all-reduce {:.0}%", 100.0 * share),
+        });
+        // Every worker stops after the same step when any of them was interrupted.
+        if trainer
+            .anyone(crate::interrupted())
+            .map_err(anyhow::Error::msg)?
+        {
             export(&trainer)?;
             bar.finish_and_clear();
             return Err(crate::Interrupted(format!(
@@ -248,6 +379,12 @@ fn train<B: AutodiffBackend>(
     }
     export(&trainer)?;
     bar.finish_and_clear();
+    let mut per_worker = vec![WorkerReport::of(&trainer, 0, device, first, start)];
+    if let Some(replica) = group(0) {
+        replica.leave::<B>().map_err(anyhow::Error::msg)?;
+        per_worker.extend(reported.iter());
+        per_worker.sort_by_key(|r| r.rank);
+    }
     if !trainer.skipped.is_empty() {
         eprintln!(
             "warning: {} batch(es) dropped for a non-finite loss, at steps {:?}",
@@ -266,18 +403,60 @@ fn train<B: AutodiffBackend>(
         "samples_per_second": (steps * args.batch) as f64 / seconds.max(1e-9),
         "final_loss": trainer.losses.last().map(|l| l.1),
         "skipped_steps": trainer.skipped,
+        "workers": per_worker.iter().map(|w| w.json(args.batch / workers)).collect::<Vec<_>>(),
     });
     std::fs::write(
         args.out.join("train.json"),
         serde_json::to_string_pretty(&summary)?,
     )?;
     println!(
-        "{stage:?}: {steps} steps in {seconds:.1} s ({:.1} samples/s), final loss {:.4}; model → {}",
+        "{stage:?}: {steps} steps in {seconds:.1} s ({:.1} samples/s{}), final loss {:.4}; model → {}",
         (steps * args.batch) as f64 / seconds.max(1e-9),
+        match workers {
+            1 => String::new(),
+            n => format!(" on {n} workers"),
+        },
         trainer.losses.last().map_or(f64::NAN, |l| l.1),
         args.out.join("model").display()
     );
     Ok(())
+}
+
+/// What one worker did in this run (for train.json).
+struct WorkerReport {
+    rank: usize,
+    device: String,
+    steps: usize,
+    seconds: f64,
+    all_reduce_seconds: f64,
+}
+
+impl WorkerReport {
+    fn of<B: AutodiffBackend>(
+        trainer: &Trainer<B>,
+        rank: usize,
+        device: &B::Device,
+        first: usize,
+        start: Instant,
+    ) -> Self {
+        Self {
+            rank,
+            device: format!("{device:?}"),
+            steps: trainer.step - first,
+            seconds: start.elapsed().as_secs_f64(),
+            all_reduce_seconds: trainer.all_reduce_seconds,
+        }
+    }
+
+    fn json(&self, share: usize) -> serde_json::Value {
+        serde_json::json!({
+            "rank": self.rank,
+            "device": self.device,
+            "steps": self.steps,
+            "samples_per_second": (self.steps * share) as f64 / self.seconds.max(1e-9),
+            "all_reduce_seconds": self.all_reduce_seconds,
+        })
+    }
 }
 
 /// `losses.csv` and `loss.png` (a moving average, so the trend is visible).

@@ -21,13 +21,18 @@
 //! * [`classifier`] — the small CNN behind the Fréchet distance and prompt accuracy.
 //! * [`data`] — caption–image data sets (MNIST-text, emoji) prepared from registry packages.
 //! * [`train`] — 1-RF, k-RF and distillation training with checkpoints; model export.
+//! * `data_parallel` — training on several devices: shares of each batch, averaged gradients
+//!   (native builds).
 //! * [`ddim`] — DDIM for ε-prediction SD teachers (InstaFlow's 1-RF pairs).
+//! * [`dpm_solver`] — DPM-Solver++ (2M), the faster teacher solver for ε-prediction models.
 //! * [`reflow`] — sharded, resumable reflow pair generation.
 
 pub mod bench;
 pub mod classifier;
 pub mod convert;
 pub mod data;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod data_parallel;
 pub mod ddim;
 pub mod dpm_solver;
 pub mod flow;

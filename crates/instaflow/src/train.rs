@@ -20,6 +20,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::data::{DataError, ImageTextDataset, write_atomic};
+#[cfg(not(target_arch = "wasm32"))]
+use crate::data_parallel::Replica;
 use crate::losses::{TimeSampler, distillation_loss, rectified_flow_loss};
 use crate::models::{ClipTextConfig, ClipTextModel, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::noise;
@@ -140,17 +142,21 @@ impl ModelSpec {
         serde_json::from_value(self.unet.clone()).map_err(|e| format!("unet config: {e}"))
     }
 
-    /// A freshly initialised model.
+    /// A freshly initialised model. Its weights are drawn here, in parameter order, from the
+    /// backend's seeded generator: burn initialises parameters lazily, at their first use, so
+    /// copies made before that (one per training device) would each draw their own.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<TextToImage<B>, String> {
         let text: ClipTextConfig = serde_json::from_value(self.text_encoder.clone())
             .map_err(|e| format!("text encoder config: {e}"))?;
-        Ok(TextToImage {
+        let model = TextToImage {
             text_encoder: text.init(device).map_err(|e| e.to_string())?,
             unet: self
                 .unet_config()?
                 .init(device)
                 .map_err(|e| e.to_string())?,
-        })
+        };
+        model.visit(&mut Materialize);
+        Ok(model)
     }
 
     /// Image shape `[C, H, W]` the model generates.
@@ -354,6 +360,15 @@ impl<B: Backend> ModuleVisitor<B> for Collect<B> {
     }
 }
 
+/// Draws every lazily initialised parameter now.
+struct Materialize;
+
+impl<B: Backend> ModuleVisitor<B> for Materialize {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        param.val();
+    }
+}
+
 /// Whether every float parameter is finite (checked before a checkpoint replaces the last one).
 struct AllFinite(bool);
 
@@ -419,6 +434,10 @@ pub struct Trainer<B: AutodiffBackend> {
     pub skip_non_finite: bool,
     /// Steps whose batch was dropped for a non-finite loss (this run).
     pub skipped: Vec<usize>,
+    /// Seconds spent averaging gradients with the other workers (this run).
+    pub all_reduce_seconds: f64,
+    #[cfg(not(target_arch = "wasm32"))]
+    replica: Option<Replica>,
     tokenizer: ClipTokenizer,
     empty_ids: Vec<u32>,
     device: B::Device,
@@ -455,6 +474,9 @@ impl<B: AutodiffBackend> Trainer<B> {
             losses: Vec::new(),
             skip_non_finite: false,
             skipped: Vec::new(),
+            all_reduce_seconds: 0.0,
+            #[cfg(not(target_arch = "wasm32"))]
+            replica: None,
             config,
             stage,
             tokenizer,
@@ -466,6 +488,54 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// The learning rate at step `s` (linear warm-up, then constant).
     pub fn lr(&self, s: usize) -> f64 {
         self.config.lr * ((s + 1) as f64 / self.config.warmup.max(1) as f64).min(1.0)
+    }
+
+    /// Make this trainer one worker of a data-parallel group (joined with [`Replica::join`]): it
+    /// computes its share of every batch and averages gradients with the others before updating.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn join_group(&mut self, replica: Replica) -> Result<(), String> {
+        replica.check_batch(self.config.batch)?;
+        self.replica = Some(replica);
+        Ok(())
+    }
+
+    /// The rows of a batch this trainer computes: all of them, or its share in a group.
+    fn rows(&self, batch: usize) -> std::ops::Range<usize> {
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(r) = self.replica {
+            return r.rows(batch);
+        }
+        0..batch
+    }
+
+    /// `value` averaged over the group (itself without one).
+    fn mean_over_group(&mut self, value: f64) -> Result<f64, String> {
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(r) = self.replica {
+            let start = web_time::Instant::now();
+            let mean = r.mean::<B::InnerBackend>(&[value as f32], &self.device)?[0];
+            self.all_reduce_seconds += start.elapsed().as_secs_f64();
+            return Ok(mean as f64);
+        }
+        Ok(value)
+    }
+
+    /// `grads` averaged over the group (themselves without one).
+    fn mean_gradients_over_group(
+        &mut self,
+        #[allow(unused_mut)] mut grads: GradientsParams,
+    ) -> Result<GradientsParams, String> {
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Some(replica) = self.replica {
+            self.all_reduce_seconds += replica.mean_gradients(&self.model, &mut grads)?;
+        }
+        Ok(grads)
+    }
+
+    /// Whether any worker of the group says `yes` (itself without one): lets every worker stop
+    /// after the same step when one of them is asked to.
+    pub fn anyone(&mut self, yes: bool) -> Result<bool, String> {
+        Ok(self.mean_over_group(if yes { 1.0 } else { 0.0 })? > 0.0)
     }
 
     fn ids(&self, captions: &[String]) -> Result<Tensor<B, 2, Int>, String> {
@@ -493,19 +563,27 @@ impl<B: AutodiffBackend> Trainer<B> {
         let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed);
         rng.set_stream(s as u64);
         let b = self.config.batch;
+        // The whole batch is drawn on every worker, in the same order, so that the draws depend
+        // on (seed, step) only; each worker then computes its own rows of it.
         let idx: Vec<usize> = (0..b).map(|_| rng.random_range(0..data.len())).collect();
+        let rows = self.rows(b);
+        let mine = &idx[rows.clone()];
         let [c, h, w] = data.shape();
         let (x0, x1, mut captions) = match data {
             TrainData::Images(d) => {
-                let captions = idx
+                let captions: Vec<String> = idx
                     .iter()
                     .map(|&i| d.caption(i, &mut rng).to_string())
                     .collect();
-                let x0 = noise::gaussian::<B, 4>(&mut rng, [b, c, h, w], &self.device);
-                (x0, d.pixels::<B>(&idx, &self.device), captions)
+                let n = c * h * w;
+                let x0 =
+                    noise::standard_normal(&mut rng, b * n)[rows.start * n..rows.end * n].to_vec();
+                let x0 =
+                    Tensor::from_data(TensorData::new(x0, [rows.len(), c, h, w]), &self.device);
+                (x0, d.pixels::<B>(mine, &self.device), captions)
             }
             TrainData::Pairs(p) => {
-                let (x0, x1) = p.tensors::<B>(&idx, &self.device);
+                let (x0, x1) = p.tensors::<B>(mine, &self.device);
                 (
                     x0,
                     x1,
@@ -522,16 +600,18 @@ impl<B: AutodiffBackend> Trainer<B> {
                 }
             }
         }
-        let ids = self.ids(&captions)?;
+        let ids = self.ids(&captions[rows.clone()])?;
         let loss = match self.stage {
             Stage::Distill => distillation_loss(&self.model, x0, x1, &ids),
             Stage::Flow | Stage::Reflow => {
-                let t = TimeSampler::Uniform.sample(&mut rng, b);
-                let t = Tensor::<B, 1>::from_data(TensorData::new(t, [b]), &self.device);
+                let t = TimeSampler::Uniform.sample(&mut rng, b)[rows.clone()].to_vec();
+                let t = Tensor::<B, 1>::from_data(TensorData::new(t, [rows.len()]), &self.device);
                 rectified_flow_loss(&self.model, x0, x1, t, &ids)
             }
         };
-        let value: f64 = loss.clone().into_scalar().elem();
+        // The batch's loss: the mean of the workers' (equal shares), the same on every worker,
+        // so that all of them take the same decision below.
+        let value = self.mean_over_group(loss.clone().into_scalar().elem())?;
         if !value.is_finite() && self.skip_non_finite {
             // Every step has its own seeded draw, so skipping keeps the schedule of the rest.
             self.skipped.push(s);
@@ -557,6 +637,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             ));
         }
         let grads = GradientsParams::from_grads(loss.backward(), &self.model);
+        let grads = self.mean_gradients_over_group(grads)?;
         self.model = self.optim.step(self.lr(s), self.model.clone(), grads);
         let decay = self.config.ema_decay.min((1 + s) as f64 / (10 + s) as f64);
         let mut current = Collect(HashMap::new());

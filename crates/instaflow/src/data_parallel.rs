@@ -1,0 +1,132 @@
+//! Data-parallel training: a group of workers — one per device, each on its own thread, on one
+//! machine or several — takes equal shares of every batch, and the gradients are averaged across
+//! the group before each optimizer step, so every worker keeps identical weights.
+//!
+//! The communication is burn-collective's all-reduce (a tree over the devices); this module only
+//! decides *what* is reduced and in which order, identically on every worker.
+
+use std::ops::Range;
+use std::time::Instant;
+
+use burn::module::{AutodiffModule, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn_collective::{
+    CollectiveConfig, CollectiveError, PeerId, ReduceOperation, all_reduce, finish_collective,
+    register,
+};
+
+/// One worker's place in a data-parallel group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replica {
+    /// This worker's index in the group.
+    pub rank: usize,
+    /// Workers in the group.
+    pub count: usize,
+}
+
+impl Replica {
+    /// The rows of a `batch` this worker computes (an equal share; see [`Replica::check_batch`]).
+    pub fn rows(&self, batch: usize) -> Range<usize> {
+        let share = batch / self.count;
+        self.rank * share..(self.rank + 1) * share
+    }
+
+    /// A batch must split evenly, or the mean of the workers' losses would not be the batch's.
+    pub fn check_batch(&self, batch: usize) -> Result<(), String> {
+        if !batch.is_multiple_of(self.count) || batch < self.count {
+            return Err(format!(
+                "--batch {batch} does not split evenly over {} workers: use a multiple of {}",
+                self.count, self.count
+            ));
+        }
+        Ok(())
+    }
+
+    fn peer(&self) -> PeerId {
+        PeerId::from(self.rank)
+    }
+
+    /// Join the group. Every worker calls this once, from its own thread, before training;
+    /// it returns when the whole group has joined.
+    pub fn join<B: AutodiffBackend>(&self, device: &B::Device) -> Result<(), String> {
+        let config = CollectiveConfig::default().with_num_devices(self.count);
+        register::<B::InnerBackend>(self.peer(), device.clone(), config).map_err(describe)
+    }
+
+    /// Leave the group at the end of a run (every worker, like [`Replica::join`]).
+    pub fn leave<B: AutodiffBackend>(&self) -> Result<(), String> {
+        finish_collective::<B::InnerBackend>(self.peer()).map_err(describe)
+    }
+
+    /// The mean of `values` over the group (the same on every worker).
+    pub fn mean<B: Backend>(&self, values: &[f32], device: &B::Device) -> Result<Vec<f32>, String> {
+        let t = Tensor::<B, 1>::from_data(TensorData::new(values.to_vec(), [values.len()]), device);
+        let t = all_reduce::<B>(
+            self.peer(),
+            t.into_primitive().tensor(),
+            ReduceOperation::Mean,
+        )
+        .map_err(describe)?;
+        Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t))
+            .into_data()
+            .to_vec::<f32>()
+            .map_err(|e| format!("{e:?}"))
+    }
+
+    /// Replace every gradient of `model` by its mean over the group. Returns the seconds spent.
+    pub fn mean_gradients<B: AutodiffBackend, M: AutodiffModule<B>>(
+        &self,
+        model: &M,
+        grads: &mut GradientsParams,
+    ) -> Result<f64, String> {
+        let start = Instant::now();
+        // Parameters are visited in the module's order, which is the same on every worker.
+        let mut visitor = MeanGradients::<B> {
+            grads,
+            peer: self.peer(),
+            error: None,
+            backend: std::marker::PhantomData,
+        };
+        model.visit(&mut visitor);
+        match visitor.error {
+            Some(e) => Err(describe(e)),
+            None => Ok(start.elapsed().as_secs_f64()),
+        }
+    }
+}
+
+struct MeanGradients<'a, B: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    peer: PeerId,
+    error: Option<CollectiveError>,
+    backend: std::marker::PhantomData<B>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for MeanGradients<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if self.error.is_some() {
+            return;
+        }
+        // Every worker runs the same graph, so the same parameters have gradients everywhere.
+        let Some(grad) = self.grads.remove::<B::InnerBackend, D>(param.id) else {
+            return;
+        };
+        match all_reduce::<B::InnerBackend>(
+            self.peer,
+            grad.into_primitive().tensor(),
+            ReduceOperation::Mean,
+        ) {
+            Ok(mean) => self.grads.register(
+                param.id,
+                Tensor::<B::InnerBackend, D>::from_primitive(TensorPrimitive::Float(mean)),
+            ),
+            Err(e) => self.error = Some(e),
+        }
+    }
+}
+
+fn describe(e: CollectiveError) -> String {
+    format!("data-parallel group: {e:?}")
+}
