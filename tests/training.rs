@@ -663,3 +663,105 @@ fn data_parallel_training_takes_the_steps_of_one_device_and_resumes_on_any_count
     assert!(!bad.join("checkpoint").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A port nothing listens on now (the OS's pick; free again once the listener is dropped).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `train` as machine `rank` of two on this machine's loopback.
+fn node(out: &Path, rank: u32, ports: [u16; 3], extra: &[&str]) -> Command {
+    let mut cmd = train_command(out, extra);
+    cmd.args(["--nodes", "2", "--node-rank", &rank.to_string()])
+        .args(["--coordinator", &format!("127.0.0.1:{}", ports[0])])
+        .args([
+            "--node-address",
+            &format!("127.0.0.1:{}", ports[1 + (rank as usize).min(1)]),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    cmd
+}
+
+#[test]
+fn two_machines_on_loopback_take_the_steps_of_one_and_stop_when_one_dies() {
+    let dir = temp_dir("nodes");
+    let one = dir.join("one");
+    ok(train(&one, &["--steps", "6"]));
+    let ports = [free_port(), free_port(), free_port()];
+    let timeout = ["--peer-timeout", "60", "--steps", "6"];
+    let first = node(&dir.join("n0"), 0, ports, &timeout).spawn().unwrap();
+    let second = node(&dir.join("n1"), 1, ports, &timeout).spawn().unwrap();
+    let (a, b) = (
+        first.wait_with_output().unwrap(),
+        second.wait_with_output().unwrap(),
+    );
+    ok(a);
+    assert!(ok(b).contains("machine 1 took part in 6 steps"));
+    // Machine 0 alone writes; its model equals the one-machine run's.
+    assert!(!dir.join("n1/checkpoint").exists());
+    let (x, y) = (losses(&one), losses(&dir.join("n0")));
+    assert_eq!(x.len(), y.len());
+    for (s, (p, q)) in x.iter().zip(&y).enumerate() {
+        assert!((p - q).abs() <= 1e-5 * p.abs(), "step {s}: {p} vs {q}");
+    }
+    for ((name, p), (_, q)) in unet_tensors(&one)
+        .iter()
+        .zip(&unet_tensors(&dir.join("n0")))
+    {
+        let d = common::max_abs_diff(p, q);
+        assert!(d <= 1e-5, "{name}: {d} apart");
+    }
+
+    // Machine 1 killed mid-run: machine 0 stops with an error, its last checkpoint intact.
+    let run = dir.join("killed");
+    let ports = [free_port(), free_port(), free_port()];
+    let long = ["--peer-timeout", "5", "--steps", "100000"];
+    let first = node(&run, 0, ports, &long).spawn().unwrap();
+    let mut second = node(&dir.join("killed-1"), 1, ports, &long)
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !run.join("checkpoint/state.json").is_file() && start.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    second.kill().unwrap();
+    second.wait().unwrap();
+    let killed_at = std::time::Instant::now();
+    let out = first.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        killed_at.elapsed().as_secs() < 60,
+        "took {:?}",
+        killed_at.elapsed()
+    );
+    assert!(
+        err.contains("no step finished") || err.contains("connection to another machine"),
+        "{err}"
+    );
+    assert!(err.contains("the last checkpoint is kept"), "{err}");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("checkpoint/state.json")).unwrap()).unwrap();
+    assert!(state["step"].as_u64().unwrap() >= 3, "{state}");
+
+    // Nobody at the coordinator's address: a clear error after --peer-timeout, not a hang.
+    let ports = [free_port(), free_port(), free_port()];
+    let mut lone = node(&dir.join("lone"), 1, ports, &["--peer-timeout", "2"]);
+    let start = std::time::Instant::now();
+    let out = lone.output().unwrap();
+    assert!(start.elapsed().as_secs() < 30);
+    fails(out, "not every machine joined");
+    // Ranks and addresses are checked before anything starts.
+    fails(
+        node(&dir.join("bad"), 2, ports, &[]).output().unwrap(),
+        "--node-rank 2 is out of range",
+    );
+    let cmd = &mut train_command(&dir.join("bad"), &["--nodes", "2"]);
+    fails(cmd.output().unwrap(), "needs --coordinator HOST:PORT");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -145,6 +145,24 @@ pub fn exit_on_device_failure() {
         if main && !oom {
             return default(info);
         }
+        // `train --nodes`: the tensor and sync connections between machines panic in their
+        // threads when a machine goes away.
+        let network = [
+            "websocket",
+            "WebSocket",
+            "connect",
+            "connection",
+            "PeerLost",
+        ]
+        .iter()
+        .any(|m| message.contains(m));
+        if network && !oom {
+            eprintln!(
+                "error: the connection to another machine of the run was lost ({message}); the \
+                 last checkpoint is kept"
+            );
+            std::process::exit(1);
+        }
         let what = if oom {
             "the compute device ran out of memory"
         } else {

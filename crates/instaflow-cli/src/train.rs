@@ -12,7 +12,7 @@ use burn::tensor::backend::AutodiffBackend;
 use clap::{Args, ValueEnum};
 use indicatif::ProgressStyle;
 use instaflow::data::ImageTextDataset;
-use instaflow::data_parallel::Replica;
+use instaflow::data_parallel::{Nodes, Replica, port_of, spawn_orchestrator};
 use instaflow::reflow::PairSet;
 use instaflow::source::ModelSource;
 use instaflow::tokenizer::ClipTokenizer;
@@ -89,6 +89,65 @@ pub struct TrainArgs {
     /// one device with the same --batch. Chooses the backend (--backend must agree or be auto).
     #[arg(long, value_name = "DEVICES")]
     devices: Option<String>,
+    /// Train on this many machines at once, each running this command with its own --node-rank
+    /// (and the same data, --batch, --seed and --devices count). Gradients are averaged over every
+    /// device of every machine.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    nodes: u32,
+    /// This machine's index among --nodes, from 0. Machine 0 runs the coordinator and is the only
+    /// one that writes checkpoints and the model (--resume on the others needs them too: a shared
+    /// folder, or a copy).
+    #[arg(long, default_value_t = 0, value_name = "R")]
+    node_rank: u32,
+    /// HOST:PORT of the coordinator; machine 0 listens on PORT (on all interfaces).
+    #[arg(long, value_name = "HOST:PORT")]
+    coordinator: Option<String>,
+    /// HOST:PORT at which the other machines reach this one; PORT is opened here for tensors.
+    #[arg(long, value_name = "HOST:PORT")]
+    node_address: Option<String>,
+    /// With --nodes: seconds to wait for every machine to join, and for a step to finish, before
+    /// stopping with an error (a machine that died or cannot be reached). The last checkpoint is
+    /// kept.
+    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+    peer_timeout: u64,
+}
+
+/// Most machines `--nodes` accepts.
+const MAX_NODES: u32 = 4096;
+
+impl TrainArgs {
+    /// The machines of a run, checked.
+    fn nodes(&self) -> Result<Option<Nodes>> {
+        ensure!(
+            (1..=MAX_NODES).contains(&self.nodes),
+            "--nodes must be between 1 and {MAX_NODES}"
+        );
+        ensure!(
+            self.node_rank < self.nodes,
+            "--node-rank {} is out of range: --nodes {} means ranks 0 to {}",
+            self.node_rank,
+            self.nodes,
+            self.nodes - 1
+        );
+        ensure!(self.peer_timeout > 0, "--peer-timeout must be positive");
+        if self.nodes == 1 {
+            return Ok(None);
+        }
+        let (Some(coordinator), Some(address)) = (&self.coordinator, &self.node_address) else {
+            bail!(
+                "--nodes {} needs --coordinator HOST:PORT and --node-address HOST:PORT",
+                self.nodes
+            );
+        };
+        for (flag, value) in [("--coordinator", coordinator), ("--node-address", address)] {
+            port_of(value).map_err(|e| anyhow::anyhow!("{flag} {e}"))?;
+        }
+        Ok(Some(Nodes {
+            count: self.nodes,
+            coordinator: coordinator.clone(),
+            address: address.clone(),
+        }))
+    }
 }
 
 fn check(args: &TrainArgs, stage: Stage) -> Result<()> {
@@ -189,11 +248,17 @@ fn train<B: AutodiffBackend>(
     devices: Vec<B::Device>,
 ) -> Result<()> {
     let device = &devices[0];
-    let workers = devices.len();
-    let group = |rank| {
-        (workers > 1).then_some(Replica {
-            rank,
+    let nodes = args.nodes()?;
+    // Machine 0's first worker reports and writes; every other worker only computes.
+    let writer = args.node_rank == 0;
+    let local = devices.len();
+    let workers = local * args.nodes as usize;
+    let group = |i: usize| {
+        (workers > 1).then(|| Replica {
+            rank: args.node_rank as usize * local + i,
             count: workers,
+            local,
+            nodes: nodes.clone(),
         })
     };
     if let Some(r) = group(0) {
@@ -275,14 +340,17 @@ fn train<B: AutodiffBackend>(
     // of the group would otherwise wait for it forever (checkpoints are replaced atomically).
     let data = Arc::new(data);
     let (reports, reported) = mpsc::channel::<WorkerReport>();
-    for (rank, worker_device) in devices.iter().enumerate().skip(1) {
+    if let Some(n) = nodes.as_ref().filter(|_| writer) {
+        let port = port_of(&n.coordinator).map_err(anyhow::Error::msg)?;
+        spawn_orchestrator(port).map_err(anyhow::Error::msg)?;
+    }
+    let watchdog = nodes.as_ref().map(|_| Watchdog::start(args.peer_timeout));
+    for (i, worker_device) in devices.iter().enumerate().skip(1) {
         let (make, model, data, reports) =
             (make.clone(), model.clone(), data.clone(), reports.clone());
         let (worker_device, steps, lr) = (worker_device.clone(), args.steps, args.lr);
-        let replica = Replica {
-            rank,
-            count: workers,
-        };
+        let replica = group(i).expect("several workers");
+        let rank = replica.rank;
         std::thread::spawn(move || {
             let run = || -> Result<WorkerReport> {
                 let mut trainer = make(model.fork(&worker_device), &worker_device)?;
@@ -292,7 +360,9 @@ fn train<B: AutodiffBackend>(
                 replica
                     .join::<B>(&worker_device)
                     .map_err(anyhow::Error::msg)?;
-                trainer.join_group(replica).map_err(anyhow::Error::msg)?;
+                trainer
+                    .join_group(replica.clone())
+                    .map_err(anyhow::Error::msg)?;
                 let (start, first) = (Instant::now(), trainer.step);
                 while trainer.step < steps {
                     trainer.train_step(&data).map_err(anyhow::Error::msg)?;
@@ -324,7 +394,12 @@ fn train<B: AutodiffBackend>(
     drop(reports);
     if let Some(replica) = group(0) {
         replica.join::<B>(device).map_err(anyhow::Error::msg)?;
-        trainer.join_group(replica).map_err(anyhow::Error::msg)?;
+        trainer
+            .join_group(replica.clone())
+            .map_err(anyhow::Error::msg)?;
+    }
+    if let Some(w) = &watchdog {
+        w.progress("joined");
     }
 
     let bar = crate::progress_bar(args.steps as u64);
@@ -339,6 +414,9 @@ fn train<B: AutodiffBackend>(
     let start = Instant::now();
     let first = trainer.step;
     let export = |trainer: &Trainer<B>| -> Result<()> {
+        if !writer {
+            return Ok(());
+        }
         trainer.save_checkpoint(&ckpt)?;
         save_model(
             &trainer.ema,
@@ -352,6 +430,9 @@ fn train<B: AutodiffBackend>(
     };
     while trainer.step < args.steps {
         let loss = trainer.train_step(&data).map_err(anyhow::Error::msg)?;
+        if let Some(w) = &watchdog {
+            w.progress("step");
+        }
         bar.set_position(trainer.step as u64);
         let share = trainer.all_reduce_seconds / start.elapsed().as_secs_f64().max(1e-9);
         bar.set_message(match workers {
@@ -365,11 +446,14 @@ fn train<B: AutodiffBackend>(
         {
             export(&trainer)?;
             bar.finish_and_clear();
+            let written = match writer {
+                true => format!("checkpoint and model written to {}", args.out.display()),
+                false => "machine 0 writes the checkpoint".into(),
+            };
             return Err(crate::Interrupted(format!(
-                "interrupted after step {}: checkpoint and model written to {}; run the same \
-                 command with --resume to continue",
+                "interrupted after step {}: {written}; run the same command with --resume to \
+                 continue",
                 trainer.step,
-                args.out.display()
             ))
             .into());
         }
@@ -379,7 +463,8 @@ fn train<B: AutodiffBackend>(
     }
     export(&trainer)?;
     bar.finish_and_clear();
-    let mut per_worker = vec![WorkerReport::of(&trainer, 0, device, first, start)];
+    let rank0 = group(0).map_or(0, |r| r.rank);
+    let mut per_worker = vec![WorkerReport::of(&trainer, rank0, device, first, start)];
     if let Some(replica) = group(0) {
         replica.leave::<B>().map_err(anyhow::Error::msg)?;
         per_worker.extend(reported.iter());
@@ -392,8 +477,19 @@ fn train<B: AutodiffBackend>(
             trainer.skipped
         );
     }
+    if let Some(w) = &watchdog {
+        w.stop();
+    }
     let seconds = start.elapsed().as_secs_f64();
     let steps = trainer.step - first;
+    if !writer {
+        println!(
+            "{stage:?}: machine {} took part in {steps} steps in {seconds:.1} s; machine 0 wrote \
+             the model",
+            args.node_rank
+        );
+        return Ok(());
+    }
     let summary = serde_json::json!({
         "stage": format!("{stage:?}"),
         "config": trainer.config,
@@ -420,6 +516,51 @@ fn train<B: AutodiffBackend>(
         args.out.join("model").display()
     );
     Ok(())
+}
+
+/// Ends the process when the machines of a run stop making progress together: a machine that
+/// died or cannot be reached would otherwise leave the others waiting in an all-reduce forever.
+struct Watchdog {
+    state: Arc<std::sync::Mutex<(Instant, &'static str)>>,
+}
+
+impl Watchdog {
+    fn start(timeout: u64) -> Self {
+        let state = Arc::new(std::sync::Mutex::new((Instant::now(), "start")));
+        let watched = state.clone();
+        std::thread::spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                let (since, what) = *watched.lock().expect("watchdog lock");
+                if what == "done" {
+                    return;
+                }
+                if since.elapsed().as_secs() >= timeout {
+                    let why = match what {
+                        "start" => {
+                            "not every machine joined (is the coordinator reachable, and \
+                                    did every --node-rank start?)"
+                        }
+                        _ => "no step finished (another machine stopped or cannot be reached)",
+                    };
+                    eprintln!(
+                        "error: {why} within --peer-timeout {timeout} s; the last checkpoint is kept"
+                    );
+                    std::process::exit(1);
+                }
+            }
+        });
+        Self { state }
+    }
+
+    /// Something happened: the clock starts again.
+    fn progress(&self, what: &'static str) {
+        *self.state.lock().expect("watchdog lock") = (Instant::now(), what);
+    }
+
+    fn stop(&self) {
+        self.progress("done");
+    }
 }
 
 /// What one worker did in this run (for train.json).

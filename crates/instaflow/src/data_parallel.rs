@@ -13,17 +13,76 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use burn_collective::{
-    CollectiveConfig, CollectiveError, PeerId, ReduceOperation, all_reduce, finish_collective,
-    register,
+    AllReduceStrategy, CollectiveConfig, CollectiveError, PeerId, ReduceOperation, all_reduce,
+    finish_collective, register,
 };
 
+/// The machines of a run, as seen from one of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nodes {
+    /// Machines taking part.
+    pub count: u32,
+    /// The orchestrator's `HOST:PORT` (machine 0 runs it).
+    pub coordinator: String,
+    /// `HOST:PORT` at which the other machines reach this one (its tensor service's port).
+    pub address: String,
+}
+
+impl Nodes {
+    fn port(&self) -> Result<u16, String> {
+        port_of(&self.address)
+    }
+}
+
+/// The port of a `HOST:PORT`, or a message naming the address.
+pub fn port_of(address: &str) -> Result<u16, String> {
+    match address.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() => port
+            .parse()
+            .map_err(|_| format!("`{address}`: `{port}` is not a port number")),
+        _ => Err(format!("`{address}` is not HOST:PORT")),
+    }
+}
+
+/// burn-communication prints every connection at INFO level on stderr unless a subscriber is
+/// already installed; errors reach the user through the results of the calls instead.
+/// `INSTAFLOW_NETWORK_LOG=1` keeps those lines (to diagnose a network).
+fn quiet_network_logs() {
+    if std::env::var_os("INSTAFLOW_NETWORK_LOG").is_some() {
+        return;
+    }
+    let _ = tracing::subscriber::set_global_default(tracing::subscriber::NoSubscriber::default());
+}
+
+fn ws(address: &str) -> Result<burn_communication::Address, String> {
+    port_of(address)?;
+    format!("ws://{address}").parse()
+}
+
+/// Run the orchestrator through which the machines of a run find each other, on `port` of this
+/// machine, on a background thread for the life of the process.
+pub fn spawn_orchestrator(port: u16) -> Result<(), String> {
+    quiet_network_logs();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the orchestrator: {e}"))?;
+    std::thread::spawn(move || runtime.block_on(burn_collective::start_global_orchestrator(port)));
+    Ok(())
+}
+
 /// One worker's place in a data-parallel group.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Replica {
-    /// This worker's index in the group.
+    /// This worker's index in the group (machine by machine).
     pub rank: usize,
-    /// Workers in the group.
+    /// Workers in the group (on all machines).
     pub count: usize,
+    /// Workers on this machine.
+    pub local: usize,
+    /// The machines, when there are several.
+    pub nodes: Option<Nodes>,
 }
 
 impl Replica {
@@ -49,9 +108,20 @@ impl Replica {
     }
 
     /// Join the group. Every worker calls this once, from its own thread, before training;
-    /// it returns when the whole group has joined.
+    /// it returns when the whole group (every machine) has joined.
     pub fn join<B: AutodiffBackend>(&self, device: &B::Device) -> Result<(), String> {
-        let config = CollectiveConfig::default().with_num_devices(self.count);
+        let mut config = CollectiveConfig::default().with_num_devices(self.local);
+        if let Some(n) = &self.nodes {
+            quiet_network_logs();
+            config = config
+                .with_num_nodes(n.count)
+                // A ring cuts each tensor into one slice per machine, which a loss value or a
+                // small bias cannot be.
+                .with_global_all_reduce_strategy(AllReduceStrategy::Tree(2))
+                .with_global_address(ws(&n.coordinator)?)
+                .with_node_address(ws(&n.address)?)
+                .with_data_service_port(n.port()?);
+        }
         register::<B::InnerBackend>(self.peer(), device.clone(), config).map_err(describe)
     }
 
@@ -128,5 +198,11 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for MeanGradients<'_, B> {
 }
 
 fn describe(e: CollectiveError) -> String {
-    format!("data-parallel group: {e:?}")
+    match e {
+        CollectiveError::Global(e) => format!(
+            "the connection to another machine of the run was lost or refused ({e:?}); the last \
+             checkpoint is kept"
+        ),
+        e => format!("data-parallel group: {e:?}"),
+    }
 }

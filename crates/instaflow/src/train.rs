@@ -502,7 +502,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// The rows of a batch this trainer computes: all of them, or its share in a group.
     fn rows(&self, batch: usize) -> std::ops::Range<usize> {
         #[cfg(not(target_arch = "wasm32"))]
-        if let Some(r) = self.replica {
+        if let Some(r) = &self.replica {
             return r.rows(batch);
         }
         0..batch
@@ -511,7 +511,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// `value` averaged over the group (itself without one).
     fn mean_over_group(&mut self, value: f64) -> Result<f64, String> {
         #[cfg(not(target_arch = "wasm32"))]
-        if let Some(r) = self.replica {
+        if let Some(r) = &self.replica {
             let start = web_time::Instant::now();
             let mean = r.mean::<B::InnerBackend>(&[value as f32], &self.device)?[0];
             self.all_reduce_seconds += start.elapsed().as_secs_f64();
@@ -526,7 +526,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         #[allow(unused_mut)] mut grads: GradientsParams,
     ) -> Result<GradientsParams, String> {
         #[cfg(not(target_arch = "wasm32"))]
-        if let Some(replica) = self.replica {
+        if let Some(replica) = &self.replica {
             self.all_reduce_seconds += replica.mean_gradients(&self.model, &mut grads)?;
         }
         Ok(grads)
