@@ -77,3 +77,21 @@ if [ -n "${PYTHON:-}" ] && $PYTHON -c "import torch, diffusers; assert torch.cud
 else
     echo "PyTorch on the GPU: skipped (set PYTHON to a Python with torch (CUDA) and diffusers)"
 fi
+
+# 4. Data-parallel training: one GPU vs all of them, same global batch (samples/s and all-reduce).
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [ "$gpus" -ge 1 ]; then
+    data=tests/fixtures/data/mnist-8
+    all=$(seq -s, 0 $((gpus - 1)))
+    printf '\n%-22s %12s %16s\n' devices samples_per_s all_reduce_s
+    for devices in "cuda:0" "cuda:$all"; do
+        rm -rf "$out/dp"
+        $bin -q train --devices "$devices" --size small --batch $((32 * gpus)) --steps 30 \
+            --checkpoint-every 1000 --data "$data" --out "$out/dp" >/dev/null 2>"$out/dp.err" \
+            || { echo "$devices: failed ($(tail -1 "$out/dp.err"))"; continue; }
+        python3 -c "
+import json,sys; d=json.load(open(sys.argv[1]))
+print(f\"{sys.argv[2]:22} {d['samples_per_second']:12.1f} {max(w['all_reduce_seconds'] for w in d['workers']):16.2f}\")" \
+            "$out/dp/train.json" "$devices"
+    done
+fi

@@ -2,7 +2,8 @@
 //! machine or several — takes equal shares of every batch, and the gradients are averaged across
 //! the group before each optimizer step, so every worker keeps identical weights.
 //!
-//! The communication is burn-collective's all-reduce (a tree over the devices); this module only
+//! The communication is burn-collective's all-reduce: a tree over the devices of a machine, then a
+//! tree between the machines, which find each other through its orchestrator. This module only
 //! decides *what* is reduced and in which order, identically on every worker.
 
 use std::ops::Range;
@@ -204,5 +205,39 @@ fn describe(e: CollectiveError) -> String {
              checkpoint is kept"
         ),
         e => format!("data-parallel group: {e:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_split_in_equal_shares_in_rank_order() {
+        let r = |rank| Replica {
+            rank,
+            count: 4,
+            local: 2,
+            nodes: None,
+        };
+        assert_eq!(r(0).rows(32), 0..8);
+        assert_eq!(r(3).rows(32), 24..32);
+        assert!(r(0).check_batch(32).is_ok());
+        let e = r(0).check_batch(30).unwrap_err();
+        assert!(
+            e.contains("--batch 30 does not split evenly over 4 workers"),
+            "{e}"
+        );
+        assert!(r(0).check_batch(0).is_err());
+    }
+
+    #[test]
+    fn addresses_need_a_host_and_a_port() {
+        assert_eq!(port_of("10.0.0.1:6500"), Ok(6500));
+        assert_eq!(port_of("node-3.cluster:1"), Ok(1));
+        for bad in ["10.0.0.1", ":6500", "host:http", "host:70000"] {
+            assert!(port_of(bad).is_err(), "{bad}");
+        }
+        assert_eq!(ws("127.0.0.1:9").unwrap().to_string(), "ws://127.0.0.1:9");
     }
 }
