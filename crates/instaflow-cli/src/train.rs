@@ -306,32 +306,33 @@ fn train<B: AutodiffBackend>(
         },
         false => None,
     };
-    // Every worker builds the same trainer: the same weights, the same checkpoint resumed.
-    let on_nan_skip = args.on_nan == OnNan::Skip;
-    let from = resume_from.clone();
-    let make = move |model: TextToImage<B>, device: &B::Device| -> Result<Trainer<B>> {
-        let mut trainer = Trainer::new(model, config.clone(), stage, tokenizer.clone(), device)
-            .map_err(anyhow::Error::msg)?;
-        trainer.skip_non_finite = on_nan_skip;
-        if let Some(from) = &from {
-            trainer.resume(from)?;
-        }
-        Ok(trainer)
-    };
-    let mut trainer = make(model.clone(), device)?;
-    if let Some(from) = &resume_from {
-        crate::note!("resumed at step {} from {}", trainer.step, from.display());
-        if let Some(lr) = args.lr.filter(|&lr| lr != trainer.config.lr) {
-            crate::note!(
-                "learning rate {} → {lr} from step {}",
-                trainer.config.lr,
-                trainer.step
-            );
-        }
-    }
-    if let Some(lr) = args.lr {
-        trainer.config.lr = lr;
-    }
+    // Every worker builds the same trainer: the same weights, the same checkpoint resumed, the
+    // same --lr override; the first one says so.
+    let (on_nan_skip, lr) = (args.on_nan == OnNan::Skip, args.lr);
+    let make =
+        move |model: TextToImage<B>, device: &B::Device, first: bool| -> Result<Trainer<B>> {
+            let mut trainer = Trainer::new(model, config.clone(), stage, tokenizer.clone(), device)
+                .map_err(anyhow::Error::msg)?;
+            trainer.skip_non_finite = on_nan_skip;
+            if let Some(from) = &resume_from {
+                trainer.resume(from)?;
+                if first {
+                    crate::note!("resumed at step {} from {}", trainer.step, from.display());
+                    if let Some(lr) = lr.filter(|&lr| lr != trainer.config.lr) {
+                        crate::note!(
+                            "learning rate {} → {lr} from step {}",
+                            trainer.config.lr,
+                            trainer.step
+                        );
+                    }
+                }
+            }
+            if let Some(lr) = lr {
+                trainer.config.lr = lr;
+            }
+            Ok(trainer)
+        };
+    let mut trainer = make(model.clone(), device, true)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     crate::catch_interrupt();
@@ -348,15 +349,12 @@ fn train<B: AutodiffBackend>(
     for (i, worker_device) in devices.iter().enumerate().skip(1) {
         let (make, model, data, reports) =
             (make.clone(), model.clone(), data.clone(), reports.clone());
-        let (worker_device, steps, lr) = (worker_device.clone(), args.steps, args.lr);
+        let (worker_device, steps) = (worker_device.clone(), args.steps);
         let replica = group(i).expect("several workers");
         let rank = replica.rank;
         std::thread::spawn(move || {
             let run = || -> Result<WorkerReport> {
-                let mut trainer = make(model.fork(&worker_device), &worker_device)?;
-                if let Some(lr) = lr {
-                    trainer.config.lr = lr;
-                }
+                let mut trainer = make(model.fork(&worker_device), &worker_device, false)?;
                 replica
                     .join::<B>(&worker_device)
                     .map_err(anyhow::Error::msg)?;
@@ -399,7 +397,7 @@ fn train<B: AutodiffBackend>(
             .map_err(anyhow::Error::msg)?;
     }
     if let Some(w) = &watchdog {
-        w.progress("joined");
+        w.progress(Phase::Training);
     }
 
     let bar = crate::progress_bar(args.steps as u64);
@@ -431,7 +429,7 @@ fn train<B: AutodiffBackend>(
     while trainer.step < args.steps {
         let loss = trainer.train_step(&data).map_err(anyhow::Error::msg)?;
         if let Some(w) = &watchdog {
-            w.progress("step");
+            w.progress(Phase::Training);
         }
         bar.set_position(trainer.step as u64);
         let share = trainer.all_reduce_seconds / start.elapsed().as_secs_f64().max(1e-9);
@@ -521,23 +519,34 @@ fn train<B: AutodiffBackend>(
 /// Ends the process when the machines of a run stop making progress together: a machine that
 /// died or cannot be reached would otherwise leave the others waiting in an all-reduce forever.
 struct Watchdog {
-    state: Arc<std::sync::Mutex<(Instant, &'static str)>>,
+    state: Arc<std::sync::Mutex<(Instant, Phase)>>,
+}
+
+/// What the watchdog waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Every machine to join.
+    Joining,
+    /// The next step.
+    Training,
+    /// Nothing: the run is over.
+    Done,
 }
 
 impl Watchdog {
     fn start(timeout: u64) -> Self {
-        let state = Arc::new(std::sync::Mutex::new((Instant::now(), "start")));
+        let state = Arc::new(std::sync::Mutex::new((Instant::now(), Phase::Joining)));
         let watched = state.clone();
         std::thread::spawn(move || {
             loop {
                 std::thread::sleep(std::time::Duration::from_millis(200));
                 let (since, what) = *watched.lock().expect("watchdog lock");
-                if what == "done" {
+                if what == Phase::Done {
                     return;
                 }
                 if since.elapsed().as_secs() >= timeout {
                     let why = match what {
-                        "start" => {
+                        Phase::Joining => {
                             "not every machine joined (is the coordinator reachable, and \
                                     did every --node-rank start?)"
                         }
@@ -554,12 +563,12 @@ impl Watchdog {
     }
 
     /// Something happened: the clock starts again.
-    fn progress(&self, what: &'static str) {
+    fn progress(&self, what: Phase) {
         *self.state.lock().expect("watchdog lock") = (Instant::now(), what);
     }
 
     fn stop(&self) {
-        self.progress("done");
+        self.progress(Phase::Done);
     }
 }
 
