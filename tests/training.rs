@@ -592,6 +592,90 @@ fn losses(run: &Path) -> Vec<f64> {
 }
 
 #[test]
+fn mixed_precision_training_follows_f32_and_resumes_with_its_loss_scale() {
+    let dir = temp_dir("mixed-precision");
+    let steps = ["--steps", "10", "--lr", "3e-3", "--warmup", "2"];
+    let reference = dir.join("f32");
+    ok(train(&reference, &steps));
+    let reference = losses(&reference);
+    let tail = |l: &[f64]| l[7..].iter().sum::<f64>() / 3.0;
+    for precision in ["f16", "bf16"] {
+        let run = dir.join(precision);
+        ok(train(
+            &run,
+            &[&steps[..], &["--precision", precision]].concat(),
+        ));
+        let l = losses(&run);
+        assert_eq!(l.len(), 10);
+        assert!(l.iter().all(|x| x.is_finite()), "{precision}: {l:?}");
+        // The same descent within half-precision rounding (and, in f16, a first step skipped
+        // while the loss scale settles).
+        let (a, b) = (tail(&reference), tail(&l));
+        assert!(
+            (a - b).abs() <= 0.05 * a,
+            "{precision}: mean of the last 3 losses {b}, {a} in f32"
+        );
+        let summary: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(run.join("train.json")).unwrap()).unwrap();
+        assert_eq!(summary["precision"], precision, "{summary}");
+        let overflowed = summary["overflowed_steps"].as_array().unwrap().len();
+        match precision {
+            "f16" => {
+                assert!(overflowed <= 2, "{summary}");
+                // Halved once per overflow, from 2^16.
+                let scale = summary["loss_scale"].as_f64().unwrap();
+                assert_eq!(scale * 2f64.powi(overflowed as i32), 65536.0, "{summary}");
+            }
+            _ => assert_eq!(
+                (overflowed, &summary["loss_scale"]),
+                (0, &serde_json::Value::Null)
+            ),
+        }
+    }
+    // Interrupted after 5 steps and resumed: the loss scale comes back with the checkpoint, so
+    // the steps are the uninterrupted run's.
+    let split = dir.join("f16-split");
+    ok(train(
+        &split,
+        &[
+            "--steps",
+            "5",
+            "--lr",
+            "3e-3",
+            "--warmup",
+            "2",
+            "--precision",
+            "f16",
+        ],
+    ));
+    ok(train(
+        &split,
+        &["--resume", "--steps", "10", "--precision", "f16"],
+    ));
+    assert_eq!(losses(&split), losses(&dir.join("f16")));
+
+    // A backend without half-precision arithmetic says so before training.
+    let out = Command::new(env!("CARGO_BIN_EXE_instaflow"))
+        .args([
+            "--backend",
+            "ndarray",
+            "train",
+            "--size",
+            "tiny",
+            "--steps",
+            "1",
+        ])
+        .args(["--precision", "bf16", "--data"])
+        .arg(data())
+        .arg("--out")
+        .arg(dir.join("ndarray"))
+        .output()
+        .unwrap();
+    fails(out, "--precision bf16: the ");
+    assert!(!dir.join("ndarray/checkpoint").exists());
+}
+
+#[test]
 fn data_parallel_training_takes_the_steps_of_one_device_and_resumes_on_any_count() {
     let dir = temp_dir("data-parallel");
     let (one, two) = (dir.join("one"), dir.join("two"));

@@ -13,6 +13,7 @@ use clap::{Args, ValueEnum};
 use indicatif::ProgressStyle;
 use instaflow::data::ImageTextDataset;
 use instaflow::data_parallel::{Nodes, Replica, port_of, spawn_orchestrator};
+use instaflow::precision::Precision;
 use instaflow::reflow::PairSet;
 use instaflow::source::ModelSource;
 use instaflow::tokenizer::ClipTokenizer;
@@ -82,6 +83,13 @@ pub struct TrainArgs {
     /// Export the model in f16 (half the size; computed in f32 when loaded).
     #[arg(long)]
     half: bool,
+    /// Float type of the forward and backward passes; the weights and the optimizer stay f32.
+    /// `f16`: with dynamic loss scaling (steps whose gradients overflow are skipped and the scale
+    /// halved); wgpu needs an adapter with `shader-f16`. `bf16`: no scaling needed; CUDA or CPU.
+    /// Halves activation memory on GPUs; the CPU backend supports both but computes them slower
+    /// than f32. May change on --resume.
+    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+    precision: PrecisionArg,
     /// Train data-parallel on several devices: `cpu:N` (N workers sharing the CPU),
     /// `cuda:0,1,…` or `wgpu:0,1,…` (one worker per device; wgpu numbers as `instaflow
     /// backends` lists). Each worker computes an equal share of every --batch (which must split
@@ -181,6 +189,27 @@ fn check(args: &TrainArgs, stage: Stage) -> Result<()> {
     }
 }
 
+/// `--precision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PrecisionArg {
+    /// Everything in f32.
+    F32,
+    /// Passes in f16, loss scaling.
+    F16,
+    /// Passes in bf16.
+    Bf16,
+}
+
+impl From<PrecisionArg> for Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::F32 => Precision::F32,
+            PrecisionArg::F16 => Precision::F16,
+            PrecisionArg::Bf16 => Precision::Bf16,
+        }
+    }
+}
+
 /// `--on-nan`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum OnNan {
@@ -264,6 +293,10 @@ fn train<B: AutodiffBackend>(
     if let Some(r) = group(0) {
         r.check_batch(args.batch).map_err(anyhow::Error::msg)?;
     }
+    let precision = Precision::from(args.precision);
+    for d in &devices {
+        precision.check::<B>(d).map_err(anyhow::Error::msg)?;
+    }
     let (spec, model, tokenizer_source) = match &args.init {
         Some(dir) => {
             let source = ModelSource::dir(dir);
@@ -297,6 +330,7 @@ fn train<B: AutodiffBackend>(
         ema_decay: args.ema_decay,
         caption_dropout: args.caption_dropout,
         seed: args.seed,
+        precision,
     };
     let ckpt = args.out.join("checkpoint");
     let resume_from = match args.resume {
@@ -468,6 +502,14 @@ fn train<B: AutodiffBackend>(
         per_worker.extend(reported.iter());
         per_worker.sort_by_key(|r| r.rank);
     }
+    if !trainer.overflowed.is_empty() {
+        crate::note!(
+            "f16: {} step(s) skipped for overflowing gradients (normal while the loss scale \
+             settles); loss scale now {}",
+            trainer.overflowed.len(),
+            trainer.loss_scaler.scale
+        );
+    }
     if !trainer.skipped.is_empty() {
         eprintln!(
             "warning: {} batch(es) dropped for a non-finite loss, at steps {:?}",
@@ -497,6 +539,9 @@ fn train<B: AutodiffBackend>(
         "samples_per_second": (steps * args.batch) as f64 / seconds.max(1e-9),
         "final_loss": trainer.losses.last().map(|l| l.1),
         "skipped_steps": trainer.skipped,
+        "precision": precision.name(),
+        "loss_scale": (precision == Precision::F16).then_some(trainer.loss_scaler.scale),
+        "overflowed_steps": trainer.overflowed,
         "workers": per_worker.iter().map(|w| w.json(args.batch / workers)).collect::<Vec<_>>(),
     });
     std::fs::write(
@@ -504,11 +549,15 @@ fn train<B: AutodiffBackend>(
         serde_json::to_string_pretty(&summary)?,
     )?;
     println!(
-        "{stage:?}: {steps} steps in {seconds:.1} s ({:.1} samples/s{}), final loss {:.4}; model → {}",
+        "{stage:?}: {steps} steps in {seconds:.1} s ({:.1} samples/s{}{}), final loss {:.4}; model → {}",
         (steps * args.batch) as f64 / seconds.max(1e-9),
         match workers {
             1 => String::new(),
             n => format!(" on {n} workers"),
+        },
+        match precision {
+            Precision::F32 => String::new(),
+            p => format!(", {} passes", p.name()),
         },
         trainer.losses.last().map_or(f64::NAN, |l| l.1),
         args.out.join("model").display()

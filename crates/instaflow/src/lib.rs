@@ -20,6 +20,7 @@
 //! * [`toy`] — the whole method on a 2-D conditional problem.
 //! * [`classifier`] — the small CNN behind the Fréchet distance and prompt accuracy.
 //! * [`data`] — caption–image data sets (MNIST-text, emoji) prepared from registry packages.
+//! * [`precision`] — mixed-precision training: f16/bf16 passes over f32 weights, loss scaling.
 //! * [`train`] — 1-RF, k-RF and distillation training with checkpoints; model export.
 //! * `data_parallel` — training on several devices: shares of each batch, averaged gradients
 //!   (native builds).
@@ -42,6 +43,7 @@ pub mod metrics;
 pub mod models;
 pub mod noise;
 pub mod pipeline;
+pub mod precision;
 pub mod reflow;
 pub mod solvers;
 pub mod source;

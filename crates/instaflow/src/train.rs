@@ -26,6 +26,7 @@ use crate::losses::{TimeSampler, distillation_loss, rectified_flow_loss};
 use crate::models::{ClipTextConfig, ClipTextModel, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::noise;
 use crate::pipeline::{LoadError, load_text_encoder, load_unet, read_config};
+use crate::precision::{HalfPrecision, LossScaler, Precision, unscale_gradients};
 use crate::reflow::PairSet;
 use crate::source::ModelSource;
 use crate::tokenizer::{ClipTokenizer, MAX_LENGTH};
@@ -290,6 +291,9 @@ pub struct TrainConfig {
     pub caption_dropout: f64,
     /// Seed of every random choice.
     pub seed: u64,
+    /// The float type of forward and backward passes (the weights stay f32).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -304,6 +308,7 @@ impl Default for TrainConfig {
             ema_decay: 0.999,
             caption_dropout: 0.1,
             seed: 0,
+            precision: Precision::F32,
         }
     }
 }
@@ -347,6 +352,9 @@ struct State {
     stage: Stage,
     config: TrainConfig,
     losses: Vec<(usize, f64)>,
+    /// The f16 loss scale (absent in f32/bf16 runs and in older checkpoints).
+    #[serde(default)]
+    loss_scaler: Option<LossScaler>,
 }
 
 /// Flattened float parameters by id (for the EMA).
@@ -378,6 +386,20 @@ impl<B: Backend> ModuleVisitor<B> for AllFinite {
             let sum: f64 = param.val().abs().sum().into_scalar().elem();
             self.0 = sum.is_finite();
         }
+    }
+}
+
+/// The loss of `stage`'s objective: the flow loss at times `t`, or distillation without them.
+fn loss_of<B: Backend, V: VelocityField<B, 4>>(
+    field: &V,
+    x0: Tensor<B, 4>,
+    x1: Tensor<B, 4>,
+    t: Option<Tensor<B, 1>>,
+    cond: &V::Cond,
+) -> Tensor<B, 1> {
+    match t {
+        Some(t) => rectified_flow_loss(field, x0, x1, t, cond),
+        None => distillation_loss(field, x0, x1, cond),
     }
 }
 
@@ -436,6 +458,10 @@ pub struct Trainer<B: AutodiffBackend> {
     pub skipped: Vec<usize>,
     /// Seconds spent averaging gradients with the other workers (this run).
     pub all_reduce_seconds: f64,
+    /// The loss scale of `--precision f16`.
+    pub loss_scaler: LossScaler,
+    /// Steps not applied because their f16 gradients overflowed (this run).
+    pub overflowed: Vec<usize>,
     #[cfg(not(target_arch = "wasm32"))]
     replica: Option<Replica>,
     tokenizer: ClipTokenizer,
@@ -475,6 +501,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             skip_non_finite: false,
             skipped: Vec::new(),
             all_reduce_seconds: 0.0,
+            loss_scaler: LossScaler::default(),
+            overflowed: Vec::new(),
             #[cfg(not(target_arch = "wasm32"))]
             replica: None,
             config,
@@ -601,13 +629,19 @@ impl<B: AutodiffBackend> Trainer<B> {
             }
         }
         let ids = self.ids(&captions[rows.clone()])?;
-        let loss = match self.stage {
-            Stage::Distill => distillation_loss(&self.model, x0, x1, &ids),
+        let t = match self.stage {
+            Stage::Distill => None,
             Stage::Flow | Stage::Reflow => {
                 let t = TimeSampler::Uniform.sample(&mut rng, b)[rows.clone()].to_vec();
-                let t = Tensor::<B, 1>::from_data(TensorData::new(t, [rows.len()]), &self.device);
-                rectified_flow_loss(&self.model, x0, x1, t, &ids)
+                Some(Tensor::<B, 1>::from_data(
+                    TensorData::new(t, [rows.len()]),
+                    &self.device,
+                ))
             }
+        };
+        let loss = match self.config.precision.half() {
+            None => loss_of(&self.model, x0, x1, t, &ids),
+            Some(half) => loss_of(&HalfPrecision::new(&self.model, half), x0, x1, t, &ids),
         };
         // The batch's loss: the mean of the workers' (equal shares), the same on every worker,
         // so that all of them take the same decision below.
@@ -636,8 +670,23 @@ impl<B: AutodiffBackend> Trainer<B> {
                  last checkpoint is kept (lower --lr, then --resume)"
             ));
         }
+        let scaled = self.config.precision == Precision::F16;
+        let loss = match scaled {
+            true => loss * self.loss_scaler.scale,
+            false => loss,
+        };
         let grads = GradientsParams::from_grads(loss.backward(), &self.model);
-        let grads = self.mean_gradients_over_group(grads)?;
+        let mut grads = self.mean_gradients_over_group(grads)?;
+        // Gradients are the same on every worker after the mean, so all take the same decision.
+        if scaled {
+            let finite = unscale_gradients(&self.model, &mut grads, self.loss_scaler.scale);
+            if !self.loss_scaler.update(finite) {
+                self.overflowed.push(s);
+                self.step += 1;
+                self.losses.push((s, value));
+                return Ok(value);
+            }
+        }
         self.model = self.optim.step(self.lr(s), self.model.clone(), grads);
         let decay = self.config.ema_decay.min((1 + s) as f64 / (10 + s) as f64);
         let mut current = Collect(HashMap::new());
@@ -689,6 +738,8 @@ impl<B: AutodiffBackend> Trainer<B> {
                 stage: self.stage,
                 config: self.config.clone(),
                 losses: self.losses.clone(),
+                loss_scaler: (self.config.precision == Precision::F16)
+                    .then(|| self.loss_scaler.clone()),
             };
             std::fs::write(
                 tmp.join("state.json"),
@@ -751,12 +802,14 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.optim = self.optim.clone().load_record(optim);
         self.step = state.step;
         self.losses = state.losses;
-        // Only the length may change on resume (to train longer).
-        let steps = self.config.steps;
+        // Only the length and the precision may change on resume.
+        let (steps, precision) = (self.config.steps, self.config.precision);
         self.config = TrainConfig {
             steps,
+            precision,
             ..state.config
         };
+        self.loss_scaler = state.loss_scaler.unwrap_or_default();
         Ok(())
     }
 }

@@ -200,8 +200,11 @@ impl<B: Backend> ClipTextModel<B> {
                 .position_embedding
                 .forward(positions)
                 .expand([b as i64, -1, -1]);
-        // Causal mask: token i sees tokens ≤ i.
-        let mask = Tensor::<B, 2>::full([s, s], f32::MIN, &device).triu(1);
+        // Causal mask: token i sees tokens ≤ i. In the hidden state's float type (mixed-precision
+        // training runs this in f16, where f32::MIN becomes −∞: still a zero weight).
+        let mask = Tensor::<B, 2>::full([s, s], f32::MIN, &device)
+            .triu(1)
+            .cast(x.dtype());
         for layer in &tm.encoder.layers {
             let a = &layer.self_attn;
             let h = layer.layer_norm1.forward(x.clone());

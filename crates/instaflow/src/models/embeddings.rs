@@ -21,7 +21,10 @@ pub fn timestep_embedding<B: Backend>(
     let freqs: Vec<f32> = (0..half)
         .map(|k| (-(10000f64.ln()) * k as f64 / (half as f64 - freq_shift)).exp() as f32)
         .collect();
-    let freqs = Tensor::<B, 1>::from_floats(freqs.as_slice(), &device).reshape([1, half]);
+    // In the timesteps' float type, so that a model run in half precision stays in it.
+    let freqs = Tensor::<B, 1>::from_floats(freqs.as_slice(), &device)
+        .cast(timesteps.dtype())
+        .reshape([1, half]);
     let args = timesteps.reshape([n, 1]) * freqs;
     let (sin, cos) = (args.clone().sin(), args.cos());
     let emb = if flip_sin_to_cos {
@@ -30,7 +33,8 @@ pub fn timestep_embedding<B: Backend>(
         Tensor::cat(vec![sin, cos], 1)
     };
     if dim % 2 == 1 {
-        Tensor::cat(vec![emb, Tensor::zeros([n, 1], &device)], 1)
+        let zeros = Tensor::<B, 2>::zeros([n, 1], &device).cast(emb.dtype());
+        Tensor::cat(vec![emb, zeros], 1)
     } else {
         emb
     }
