@@ -5,7 +5,9 @@
 #     backend, whose numbers the parity tests hold to diffusers — same noise, same prompt;
 #  3. speed and memory: one-step 512² on a random SD-1.5-size folder, f32 and f16, on cuda and
 #     wgpu, and PyTorch + diffusers on the same GPU when a Python with them is given (PYTHON=…);
-# and prints one table.
+#  4. data-parallel training: one GPU against all of them;
+#  5. mixed-precision training: f32, f16 and bf16 passes (speed and GPU memory);
+# and prints one table per check.
 #   scripts/gpu-check.sh            # BIN=path/to/instaflow to skip the build
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -93,5 +95,27 @@ if [ "$gpus" -ge 1 ]; then
 import json,sys; d=json.load(open(sys.argv[1]))
 print(f\"{sys.argv[2]:22} {d['samples_per_second']:12.1f} {max(w['all_reduce_seconds'] for w in d['workers']):16.2f}\")" \
             "$out/dp/train.json" "$devices"
+    done
+fi
+
+# 5. Mixed-precision training on one GPU: samples/s and the device memory of f32, f16 and bf16
+#    passes (`--precision`; the weights stay f32), `base` model on 16×16 emoji, batch 64.
+if [ "$gpus" -ge 1 ]; then
+    data=tests/fixtures/data/emoji-16
+    printf '\n%-10s %12s %12s %14s\n' precision samples_per_s final_loss peak_gpu_MiB
+    for precision in f32 f16 bf16; do
+        rm -rf "$out/mp"
+        nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 -i 0 \
+            >"$out/mp-$precision.mem" 2>/dev/null &
+        smi=$!
+        $bin -q --backend cuda train --size base --batch 64 --steps 30 --precision "$precision" \
+            --checkpoint-every 1000 --data "$data" --out "$out/mp" >/dev/null 2>"$out/mp.err" \
+            || echo "$precision: failed ($(tail -1 "$out/mp.err"))"
+        kill $smi 2>/dev/null
+        [ -f "$out/mp/train.json" ] && python3 -c "
+import json,sys; d=json.load(open(sys.argv[1]))
+mem=max([int(l) for l in open(sys.argv[3]) if l.strip().isdigit()] or [0])
+print(f\"{sys.argv[2]:10} {d['samples_per_second']:12.1f} {d['final_loss']:12.4f} {mem:14d}\")" \
+            "$out/mp/train.json" "$precision" "$out/mp-$precision.mem"
     done
 fi

@@ -64,8 +64,9 @@ export interface LoadOptions {
 
 /** Options of `InstaFlowWorker.load`. */
 export interface WorkerLoadOptions extends LoadOptions {
-  /** A worker already started on `instaflow/worker.js` (bundlers that need it created by hand). */
-  worker?: Worker;
+  /** A function that starts a worker on `instaflow/worker.js` (bundlers that need it created by
+   * hand; called again to replace a crashed worker), or a worker already started. */
+  worker?: Worker | (() => Worker);
 }
 
 /** What to generate. */
@@ -86,6 +87,9 @@ export interface GenerateOptions {
   width?: number;
   /** Image height in pixels (0 or absent: the model's own size). */
   height?: number;
+  /** Cancels the generation: the promise rejects with an `AbortError` at once; a queued call never
+   * runs. */
+  signal?: AbortSignal;
 }
 
 /** Milliseconds per stage (each measured after the device finished it). */
@@ -111,6 +115,8 @@ export interface GeneratedImage {
   latents?: Float32Array<ArrayBuffer>;
   /** Size of the wasm memory of the thread that ran it. */
   wasmMemoryBytes: number;
+  /** `InstaFlowWorker` only: set when this call replaced a crashed worker, saying what happened. */
+  recoveredFrom?: string;
 }
 
 /** A text-to-image model running in the calling thread. */
@@ -126,7 +132,8 @@ export declare class InstaFlow {
   readonly noiseShape: number[];
   /** What the load did. */
   readonly loadStats: LoadStats;
-  /** Generate one image. Calls on one model run one after another. */
+  /** Generate one image. Calls on one model run one after another, never interleaved; a cancelled
+   * running call rejects at once and its result is dropped. */
   generate(options: GenerateOptions): Promise<GeneratedImage>;
   /** Release GPU buffers and wasm memory. */
   free(): void;
@@ -140,6 +147,12 @@ export declare class InstaFlowWorker {
   readonly precision: "f16" | "f32";
   readonly noiseShape: number[];
   readonly loadStats: LoadStats;
+  /** Worker crashes so far; each is followed by a new worker (model loaded again from the cache)
+   * on the next request. */
+  readonly crashes: number;
+  /** Called with the error when the worker crashes. */
+  onCrash: ((error: Error) => void) | null;
+  /** One image; cancelling a running call ends the worker at once (a new one serves the next). */
   generate(options: GenerateOptions): Promise<GeneratedImage>;
   /** Stop the worker (and with it the model). */
   free(): void;

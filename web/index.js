@@ -28,6 +28,41 @@ export function wasmMemoryBytes() {
 }
 let wasmMemory = null;
 
+/** The error a cancelled call rejects with. */
+function aborted(what) {
+  return Object.assign(new Error(`${what} was cancelled`), { name: "AbortError" });
+}
+
+/**
+ * Run `run` after the calls queued in `line` before it: one at a time, never interleaved. An
+ * aborted `signal` rejects at once; a call still waiting then never runs, and `onAbort` is told
+ * about one already running (it may stop it; the next call waits until it has stopped).
+ */
+function enqueue(line, run, signal, onAbort) {
+  if (signal?.aborted) return Promise.reject(aborted("the generation"));
+  let settle;
+  const result = new Promise((resolve, reject) => (settle = { resolve, reject }));
+  let started = false;
+  const abort = () => {
+    settle.reject(aborted("the generation"));
+    if (started) onAbort?.();
+  };
+  signal?.addEventListener("abort", abort, { once: true });
+  const done = line.last
+    .then(async () => {
+      if (signal?.aborted) return;
+      started = true;
+      try {
+        settle.resolve(await run());
+      } catch (e) {
+        settle.reject(e);
+      }
+    })
+    .finally(() => signal?.removeEventListener("abort", abort));
+  line.last = done.catch(() => {});
+  return result;
+}
+
 /** Turn a wasm trap into the Rust panic message that caused it. */
 function explain(error) {
   const panic = globalThis.__instaflowPanic;
@@ -49,7 +84,7 @@ function explain(error) {
 /** A text-to-image model running in this thread. */
 export class InstaFlow {
   #model;
-  #queue = Promise.resolve();
+  #line = { last: Promise.resolve() };
   #broken = null;
 
   constructor(model, stats) {
@@ -91,8 +126,12 @@ export class InstaFlow {
     return Array.from(this.#model.noiseShape);
   }
 
-  /** Generate one image; calls run one after another. */
-  generate({ prompt, seed = 0, noise, guidance = 1, steps = 1, latents = false, width = 0, height = 0 } = {}) {
+  /**
+   * Generate one image. Calls run one after another, never interleaved. `signal` cancels: a call
+   * still queued never runs; one already running rejects at once and its result is dropped (the
+   * device finishes its work first — `InstaFlowWorker` stops it at once).
+   */
+  generate({ prompt, seed = 0, noise, guidance = 1, steps = 1, latents = false, width = 0, height = 0, signal } = {}) {
     const run = async () => {
       if (this.#broken) throw this.#broken;
       if (typeof prompt !== "string") throw new Error("generate: `prompt` must be a string");
@@ -124,9 +163,7 @@ export class InstaFlow {
       image.free();
       return result;
     };
-    const next = this.#queue.then(run, run);
-    this.#queue = next.catch(() => {});
-    return next;
+    return enqueue(this.#line, run, signal);
   }
 
   /** Release the model's memory (GPU buffers and wasm heap). Generations already queued fail. */
@@ -137,30 +174,86 @@ export class InstaFlow {
   }
 }
 
-/** The same API as `InstaFlow`, with the model in a module Web Worker (`./worker.js`). */
+/**
+ * The same API as `InstaFlow`, with the model in a module Web Worker (`./worker.js`). A worker
+ * that crashes (a wasm trap, a lost device, an uncaught error) is replaced on the next request:
+ * the model is loaded again (from the download cache) and the request runs. `onCrash(error)` is
+ * called when it happens, and `crashes` counts it.
+ */
 export class InstaFlowWorker {
   #worker;
   #pending = new Map();
   #next = 0;
+  #line = { last: Promise.resolve() };
+  /** Starts a worker. */
+  #spawn;
+  /** The load request, sent again to a new worker. */
+  #loadRequest;
+  /** Why the current worker is gone (a crash or a cancelled generation), or null. */
+  #down = null;
+  #freed = false;
   backend;
   precision;
   noiseShape;
+  /** Worker crashes so far (each was followed by a new worker on the next request). */
+  crashes = 0;
+  /** Called with the error when the worker crashes. */
+  onCrash = null;
 
-  constructor(worker) {
+  constructor(spawn) {
+    this.#spawn = spawn;
+    this.#attach(spawn());
+  }
+
+  #attach(worker) {
     this.#worker = worker;
     worker.onmessage = ({ data }) => {
+      if (worker !== this.#worker) return;
       const call = this.#pending.get(data.id);
       if (!call) return;
       if (data.progress) return call.onProgress?.(data.progress);
       this.#pending.delete(data.id);
-      if (data.error) call.reject(Object.assign(new Error(data.error), { fatal: data.fatal }));
-      else call.resolve(data.result);
+      const error = data.error && Object.assign(new Error(data.error), { fatal: data.fatal });
+      if (!error) return call.resolve(data.result);
+      call.reject(error);
+      // A trap leaves the worker's wasm instance unusable: replace the worker, not just the model.
+      if (data.fatal && this.#loadRequest) this.#crashed(error);
     };
     worker.onerror = (e) => {
-      const error = new Error(`the model worker failed: ${e.message ?? "unknown error"}`);
-      for (const call of this.#pending.values()) call.reject(error);
-      this.#pending.clear();
+      e.preventDefault?.();
+      if (worker === this.#worker) this.#crashed(new Error(`the model worker crashed: ${e.message ?? "unknown error"}`));
     };
+  }
+
+  /** End the current worker; calls in flight reject with `error`. */
+  #stop(error) {
+    this.#worker.terminate();
+    for (const call of this.#pending.values()) call.reject(error);
+    this.#pending.clear();
+  }
+
+  #crashed(error) {
+    error.crashed = true;
+    this.#stop(error);
+    this.#down = error;
+    this.crashes++;
+    this.onCrash?.(error);
+  }
+
+  /** A new worker with the model loaded again, if the last one is gone. */
+  async #revive() {
+    if (!this.#down) return null;
+    const why = this.#down;
+    this.#attach(this.#spawn());
+    this.#down = null;
+    try {
+      await this.#call(this.#loadRequest);
+    } catch (e) {
+      this.#stop(e);
+      this.#down = e;
+      throw new Error(`the model worker stopped (${why.message}) and the model could not be loaded again: ${e.message}`);
+    }
+    return why;
   }
 
   #call(message, onProgress, transfer = []) {
@@ -171,11 +264,24 @@ export class InstaFlowWorker {
     });
   }
 
-  /** Start a worker and load `source` in it (see `InstaFlow.load`); `signal` stops the worker. */
+  /**
+   * Start a worker and load `source` in it (see `InstaFlow.load`); `signal` stops the worker.
+   * `worker`: a function that starts one (bundlers that need it created by hand; called again to
+   * replace a crashed worker), or a started worker (replaced by the package's own after a crash).
+   */
   static async load(source, { onProgress, backend = "auto", precision = "auto", wasm, worker, signal, cache = true, hfEndpoint, pieceBytes, requestBytes } = {}) {
-    if (signal?.aborted) throw Object.assign(new Error("loading was cancelled"), { name: "AbortError" });
-    const w = worker ?? new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
-    const proxy = new InstaFlowWorker(w);
+    if (signal?.aborted) throw aborted("loading");
+    let given = worker instanceof Function ? null : worker;
+    const spawn =
+      worker instanceof Function
+        ? worker
+        : () => {
+            if (!given) return new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
+            const w = given;
+            given = null;
+            return w;
+          };
+    const proxy = new InstaFlowWorker(spawn);
     // Relative URLs are resolved here: the worker's base URL is its script's.
     const absolute = (u) => (typeof u === "string" || u instanceof URL ? new URL(String(u), globalThis.location?.href).href : u);
     const src =
@@ -183,36 +289,48 @@ export class InstaFlowWorker {
         ? absolute(source)
         : Object.fromEntries((source instanceof Map ? [...source.entries()] : Object.entries(source ?? {})).map(([k, v]) => [k, absolute(v)]));
     // Cancelling a load in a worker ends the worker: its fetches stop and its memory is returned.
-    const onAbort = () => proxy.#fail(Object.assign(new Error("loading was cancelled"), { name: "AbortError" }));
+    const onAbort = () => proxy.#stop(aborted("loading"));
     signal?.addEventListener("abort", onAbort);
+    const request = { op: "load", source: src, backend, precision, wasm: wasm && absolute(wasm), cache, hfEndpoint, pieceBytes, requestBytes };
     try {
-      const info = await proxy.#call({ op: "load", source: src, backend, precision, wasm: wasm && absolute(wasm), cache, hfEndpoint, pieceBytes, requestBytes }, onProgress);
+      const info = await proxy.#call(request, onProgress);
       proxy.backend = info.backend;
       proxy.precision = info.precision;
       proxy.noiseShape = info.noiseShape;
       proxy.loadStats = info.loadStats;
     } catch (e) {
-      w.terminate();
+      proxy.#worker.terminate();
       throw e;
     } finally {
       signal?.removeEventListener("abort", onAbort);
     }
+    proxy.#loadRequest = request;
     return proxy;
   }
 
-  /** See `InstaFlow.generate`. */
-  generate(options = {}) {
-    return this.#call({ op: "generate", options });
+  /**
+   * See `InstaFlow.generate`. Cancelling a running generation ends the worker at once; the next
+   * request starts a new one (the model is loaded again from the cache). When this call replaced
+   * a crashed worker, the result's `recoveredFrom` says what happened to it.
+   */
+  generate({ signal, ...options } = {}) {
+    const run = async () => {
+      if (this.#freed) throw new Error("the model was freed");
+      const recovered = await this.#revive();
+      const result = await this.#call({ op: "generate", options });
+      if (recovered?.crashed) result.recoveredFrom = recovered.message;
+      return result;
+    };
+    const cancel = () => {
+      this.#stop(aborted("the generation"));
+      this.#down = aborted("the generation");
+    };
+    return enqueue(this.#line, run, signal, cancel);
   }
 
   /** Stop the worker and free the model. */
   free() {
-    this.#fail(new Error("the model was freed"));
-  }
-
-  #fail(error) {
-    this.#worker.terminate();
-    for (const call of this.#pending.values()) call.reject(error);
-    this.#pending.clear();
+    this.#freed = true;
+    this.#stop(new Error("the model was freed"));
   }
 }

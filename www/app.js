@@ -15,7 +15,8 @@ const $ = (id) => document.getElementById(id);
 const query = new URLSearchParams(location.search);
 
 const page = (window.instaflowPage = {
-  state: "loading", // loading | ready | generating | error | cancelled
+  state: "loading", // loading | ready | generating | stopped | error | cancelled
+  crashes: 0, // model worker crashes (each one replaced on the next request)
   backend: null,
   requests: 0, // debounced requests made
   generations: 0, // generations started
@@ -28,6 +29,7 @@ let model = null;
 let loads = 0; // a newer load makes older ones stale
 let cancelLoad = null; // aborts the load in progress
 let running = false;
+let stopGeneration = null; // aborts the generation in progress
 let wanted = null;
 let timer = null;
 
@@ -83,22 +85,38 @@ async function pump() {
   page.generations++;
   page.log.push({ request: job.request, newest: page.requests });
   const current = model;
+  const controller = new AbortController();
+  stopGeneration = controller;
+  $("stop").hidden = false;
   try {
     const { prompt, seed, guidance, steps } = job;
-    const image = await current.generate({ prompt, seed, guidance, steps });
+    const image = await current.generate({ prompt, seed, guidance, steps, signal: controller.signal });
     if (current !== model) return; // the model was switched meanwhile
     show(image, job);
     clearError();
+    if (image.recoveredFrom) $("load-status").textContent += " · restarted after a crash";
     page.state = "ready";
   } catch (e) {
     if (current !== model) return;
-    showError(`Generation failed: ${e.message}`);
-    if (e.fatal) {
-      model.free();
-      model = null;
+    if (e.name === "AbortError") {
+      page.state = "stopped";
+      $("timing").textContent = "stopped";
+      page.last = null;
+    } else if (e.crashed) {
+      // The worker is replaced on the next request; the page stays usable.
+      showError(`The model stopped (${e.message}). It restarts with the next image.`);
+      page.last = null;
+    } else {
+      showError(`Generation failed: ${e.message}`);
+      if (e.fatal) {
+        model.free();
+        model = null;
+      }
     }
   } finally {
     running = false;
+    stopGeneration = null;
+    $("stop").hidden = true;
     if (model) pump();
   }
 }
@@ -164,6 +182,10 @@ async function load(source, label) {
     });
     if (token !== loads) return loaded.free();
     model = loaded;
+    loaded.onCrash = (e) => {
+      page.crashes++;
+      if (!running) showError(`The model stopped (${e.message}). It restarts with the next image.`);
+    };
     page.backend = loaded.backend;
     page.precision = loaded.precision;
     page.loadStats = loaded.loadStats;
@@ -221,6 +243,7 @@ $("big-model-back").addEventListener("click", () => {
   loadSelected();
 });
 $("cancel").addEventListener("click", () => cancelLoad?.abort());
+$("stop").addEventListener("click", () => stopGeneration?.abort());
 $("clear-cache").addEventListener("click", async () => {
   await clearCache();
   showStorage();

@@ -189,6 +189,86 @@ test("loads can be cancelled, and a model loaded and freed five times (WebGPU in
   await page.close();
 });
 
+test("generate calls are serialized and can be cancelled; a crashed worker is replaced on the next request", async () => {
+  const page = await openPage();
+  const r = await page.evaluate(
+    async ({ prompt, SMALL }) => {
+      const { InstaFlow, InstaFlowWorker } = window.instaflow;
+      const seeds = [...Array(10).keys()];
+      const diff = (a, b) => Math.max(...Array.from(a.latents, (x, i) => Math.abs(x - b.latents[i])));
+      const worst = (images, reference) => Math.max(...images.map((img, i) => diff(img, reference[i])));
+      const out = {};
+
+      // In the page: ten calls at once give what the same calls give one after another.
+      const local = await InstaFlow.load("/mini/", { ...SMALL, backend: "webgpu" });
+      const sequential = [];
+      for (const seed of seeds) sequential.push(await local.generate({ prompt, seed, latents: true }));
+      out.seedsDiffer = diff(sequential[0], sequential[1]);
+      const finished = [];
+      const together = await Promise.all(seeds.map((seed) => local.generate({ prompt, seed, latents: true }).then((img) => (finished.push(seed), img))));
+      out.localConcurrent = worst(together, sequential);
+      out.finished = finished;
+      // A cancelled call rejects at once; the calls around it still run.
+      const controller = new AbortController();
+      const calls = [1, 2, 3].map((seed) => local.generate({ prompt, seed, latents: true, signal: seed === 2 ? controller.signal : undefined }));
+      controller.abort();
+      const settled = await Promise.allSettled(calls);
+      out.localCancel = settled.map((s) => (s.status === "fulfilled" ? "ok" : s.reason.name));
+      out.localAround = Math.max(diff(settled[0].value, sequential[1]), diff(settled[2].value, sequential[3]));
+      local.free();
+
+      // In a worker: the same, then a running generation cancelled, then a crash.
+      const started = [];
+      const spawn = () => {
+        const w = new Worker("/crashing-worker.js", { type: "module" });
+        started.push(w);
+        return w;
+      };
+      const remote = await InstaFlowWorker.load("/mini/", { ...SMALL, backend: "webgpu", worker: spawn });
+      const four = seeds.slice(0, 4);
+      out.workerConcurrent = worst(await Promise.all(four.map((seed) => remote.generate({ prompt, seed, latents: true }))), sequential);
+      const stop = new AbortController();
+      const running = remote.generate({ prompt, seed: 4, latents: true, signal: stop.signal });
+      await new Promise((resolve) => setTimeout(resolve, 0)); // its request is in the worker now
+      stop.abort();
+      out.workerCancel = await running.then(() => "ok", (e) => e.name);
+      out.workersAfterCancel = started.length;
+      out.afterCancel = diff(await remote.generate({ prompt, seed: 4, latents: true }), sequential[4]);
+      out.workersAfterNext = started.length;
+
+      const crashes = [];
+      remote.onCrash = (e) => crashes.push(e.message);
+      started.at(-1).postMessage({ crash: true });
+      const t0 = performance.now();
+      while (!remote.crashes && performance.now() - t0 < 10_000) await new Promise((resolve) => setTimeout(resolve, 20));
+      const recovered = await remote.generate({ prompt, seed: 5, latents: true });
+      out.crashes = crashes;
+      out.recoveredFrom = recovered.recoveredFrom;
+      out.afterCrash = diff(recovered, sequential[5]);
+      out.workers = started.length;
+      remote.free();
+      return out;
+    },
+    { prompt: PROMPT, SMALL },
+  );
+  assert.ok(r.seedsDiffer > 1e-2, `seeds 0 and 1 give different latents (${r.seedsDiffer})`);
+  assert.ok(r.localConcurrent <= 1e-6, `10 concurrent in-page calls vs sequential: ${r.localConcurrent}`);
+  assert.deepEqual(r.finished, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], "one at a time, in the order called");
+  assert.deepEqual(r.localCancel, ["ok", "AbortError", "ok"]);
+  assert.ok(r.localAround <= 1e-6);
+  assert.ok(r.workerConcurrent <= 1e-5, `4 concurrent worker calls vs sequential in-page: ${r.workerConcurrent}`);
+  assert.equal(r.workerCancel, "AbortError");
+  assert.equal(r.workersAfterCancel, 1, "cancelling ends the worker; none is started until needed");
+  assert.equal(r.workersAfterNext, 2);
+  assert.ok(r.afterCancel <= 1e-5);
+  assert.equal(r.crashes.length, 1);
+  assert.match(r.crashes[0], /the model worker crashed: .*simulated crash/);
+  assert.match(r.recoveredFrom, /simulated crash/);
+  assert.ok(r.afterCrash <= 1e-5);
+  assert.equal(r.workers, 3);
+  await page.close();
+});
+
 test("hf: ids read the Hugging Face Hub layout; a server that ignores Range still works", async () => {
   const page = await openPage();
   const hub = await loadAndGenerate(page, "hf:org/mini", { ...SMALL, cache: false, hfEndpoint: server.url });
