@@ -9,11 +9,11 @@ use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use instaflow::bench::{BlockShape, time_block};
-use instaflow::losses::rectified_flow_loss;
-use instaflow::noise;
-use instaflow::solvers::Solver;
+use instaflow::flow::losses::rectified_flow_loss;
+use instaflow::flow::noise;
+use instaflow::flow::solvers::Solver;
+use instaflow::flow::velocity::Guided;
 use instaflow::toy::{ToyMlp, ToyMlpConfig};
-use instaflow::velocity::Guided;
 
 mod common;
 
@@ -66,7 +66,7 @@ fn compute<B: burn::tensor::backend::AutodiffBackend>(
     let labels = Tensor::<B, 1, Int>::from_data(TensorData::new(labels, [N]), device);
     let null = Tensor::<B, 1, Int>::from_data(TensorData::new(vec![4i64; N], [N]), device);
 
-    use instaflow::velocity::VelocityField;
+    use instaflow::flow::velocity::VelocityField;
     let velocity = values(model.velocity(x0.clone(), t.clone(), &labels));
     let guided = Guided::with_guidance(&model, &labels, &null, 1.5);
     let guided_euler4 = values(
@@ -136,8 +136,8 @@ fn conv_matmul_attention_block_runs_on_wgpu() {
 /// diffusers' numbers too: the tiny parity UNet and VAE decoder against their goldens.
 #[test]
 fn sd_models_match_diffusers_on_wgpu() {
-    use instaflow::pipeline::{load_unet, load_vae};
-    use instaflow::source::ModelSource;
+    use instaflow::sd::pipeline::{load_unet, load_vae};
+    use instaflow::sd::source::ModelSource;
 
     let dir = common::repo("tests/fixtures/parity/conv-f32");
     let device = WgpuDevice::DefaultDevice;

@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 
 use burn::backend::Flex;
 use burn::tensor::{Int, Tensor, TensorData};
-use instaflow::models::{AutoencoderKLConfig, ClipTextConfig, UNet2DConditionConfig};
-use instaflow::pipeline::{
+use instaflow::sd::models::{AutoencoderKLConfig, ClipTextConfig, UNet2DConditionConfig};
+use instaflow::sd::pipeline::{
     GenerateOptions, InstaFlowPipeline, load_text_encoder, load_unet, load_vae,
 };
-use instaflow::source::ModelSource;
+use instaflow::sd::source::ModelSource;
 use safetensors::{Dtype, SafeTensors};
 
 type B = Flex;
@@ -219,7 +219,7 @@ fn sd15_parameter_counts_from_configs_without_allocating() {
         859_520_964
     );
     let vae = AutoencoderKLConfig::sd15().init::<B>(&device).unwrap();
-    assert_eq!(instaflow::models::lazy_param_count(&vae), 83_653_863);
+    assert_eq!(instaflow::sd::models::lazy_param_count(&vae), 83_653_863);
     assert_eq!(
         ClipTextConfig::sd15().num_params::<B>(&device).unwrap(),
         123_060_480
@@ -365,8 +365,8 @@ fn ddim_teacher_matches_diffusers_scheduler() {
         &Default::default(),
     )
     .unwrap();
-    let cfg = instaflow::ddim::SchedulerConfig::default();
-    let out = instaflow::ddim::ddim_sample(
+    let cfg = instaflow::sd::ddim::SchedulerConfig::default();
+    let out = instaflow::sd::ddim::ddim_sample(
         &unet,
         g.f32("noise"),
         &g.f32("text"),
@@ -396,8 +396,8 @@ fn dpm_solver_teacher_matches_diffusers_scheduler() {
         &Default::default(),
     )
     .unwrap();
-    let cfg = instaflow::ddim::SchedulerConfig::default();
-    let taus: Vec<f32> = instaflow::dpm_solver::timesteps(&cfg, 5)
+    let cfg = instaflow::sd::ddim::SchedulerConfig::default();
+    let taus: Vec<f32> = instaflow::sd::dpm_solver::timesteps(&cfg, 5)
         .into_iter()
         .map(|t| t as f32)
         .collect();
@@ -405,7 +405,7 @@ fn dpm_solver_teacher_matches_diffusers_scheduler() {
         taus,
         g.f32::<1>("timesteps").into_data().to_vec::<f32>().unwrap()
     );
-    let out = instaflow::dpm_solver::dpm_solver_sample(
+    let out = instaflow::sd::dpm_solver::dpm_solver_sample(
         &unet,
         g.f32("noise"),
         &g.f32("text"),

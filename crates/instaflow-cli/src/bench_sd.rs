@@ -7,7 +7,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Distribution, Int, Tensor};
 use clap::Args;
 use instaflow::bench::time_runs;
-use instaflow::models::{AutoencoderKLConfig, ClipTextConfig, UNet2DConditionConfig};
+use instaflow::sd::models::{AutoencoderKLConfig, ClipTextConfig, UNet2DConditionConfig};
 
 use crate::backend::{BackendChoice, resolve};
 use crate::with_backend;

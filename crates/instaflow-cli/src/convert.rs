@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use instaflow::convert::{WeightDtype, convert_folder};
+use instaflow::sd::convert::{WeightDtype, convert_folder};
 
 /// Target type of `--dtype`.
 #[derive(Debug, Clone, Copy, ValueEnum)]

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Result, ensure};
 use clap::{Args, ValueEnum};
-use instaflow::data::{ImageTextDataset, emoji, mnist};
+use instaflow::training::data::{ImageTextDataset, emoji, mnist};
 
 /// Which data set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

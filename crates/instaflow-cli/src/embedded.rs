@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use instaflow::source::ModelSource;
+use instaflow::sd::source::ModelSource;
 
 /// Name of the embedded model in messages and reports.
 pub const NAME: &str = "built-in instaflow-emoji";

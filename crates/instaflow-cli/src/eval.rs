@@ -10,13 +10,13 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use instaflow::classifier::{self, Classifier};
-use instaflow::data::ImageTextDataset;
-use instaflow::metrics::{frechet_distance, path_stats};
-use instaflow::pipeline::{GenerateOptions, InstaFlowPipeline, to_rgb8};
-use instaflow::solvers::{Rk45Options, Solver};
-use instaflow::source::ModelSource;
-use instaflow::velocity::Guided;
+use instaflow::flow::metrics::{frechet_distance, path_stats};
+use instaflow::flow::solvers::{Rk45Options, Solver};
+use instaflow::flow::velocity::Guided;
+use instaflow::sd::pipeline::{GenerateOptions, InstaFlowPipeline, to_rgb8};
+use instaflow::sd::source::ModelSource;
+use instaflow::training::classifier::{self, Classifier};
+use instaflow::training::data::ImageTextDataset;
 use rand::Rng;
 
 use crate::backend::{BackendChoice, resolve};
@@ -184,7 +184,7 @@ fn evaluate<B: AutodiffBackend>(
     crate::note!("classifier: {:.1}% on held-out data", 100.0 * clf_acc);
 
     // 2. Real features, prompts, noise — shared by every model.
-    let mut rng = instaflow::noise::rng(args.seed);
+    let mut rng = instaflow::flow::noise::rng(args.seed);
     let n = args.samples;
     let k = data.classes.len();
     let by_class: Vec<Vec<usize>> = (0..k)
@@ -223,7 +223,8 @@ fn evaluate<B: AutodiffBackend>(
     let dim = clf_cfg.features;
     let floor = frechet_distance(&real, &real2, dim);
     let shape = [data.channels, data.height, data.width];
-    let noise = instaflow::noise::standard_normal(&mut rng, n * shape.iter().product::<usize>());
+    let noise =
+        instaflow::flow::noise::standard_normal(&mut rng, n * shape.iter().product::<usize>());
 
     // 3. Every model × N.
     let mut jobs: Vec<(String, PathBuf, Vec<usize>, bool)> = Vec::new();

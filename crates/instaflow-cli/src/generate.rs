@@ -9,14 +9,14 @@ use anyhow::{Context, Result, ensure};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use clap::Args;
-use instaflow::pipeline::{GenerateOptions, to_rgb8};
-use instaflow::solvers::euler;
-use instaflow::velocity::Guided;
+use instaflow::flow::solvers::euler;
+use instaflow::flow::velocity::Guided;
+use instaflow::sd::pipeline::{GenerateOptions, to_rgb8};
 use safetensors::Dtype;
 
 use crate::backend::{BackendChoice, Precision, Selected, device_memory, resolve, set_precision};
 use crate::{embedded, with_backend};
-use instaflow::data::write_atomic;
+use instaflow::training::data::write_atomic;
 
 /// Options of `instaflow generate`.
 #[derive(Debug, Args)]
@@ -106,7 +106,7 @@ fn indexed(path: &Path, i: usize, n: usize) -> PathBuf {
 /// The initial latents from `--noise`: one finite f32 tensor of rank 4.
 fn read_noise(path: &Path, channels: usize) -> Result<(Vec<usize>, Vec<f32>)> {
     let bytes = fs::read(path).with_context(|| format!("--noise {}", path.display()))?;
-    instaflow::noise::from_safetensors(&bytes, channels)
+    instaflow::flow::noise::from_safetensors(&bytes, channels)
         .map_err(|e| anyhow::anyhow!("--noise {}: {e}", path.display()))
 }
 
@@ -180,14 +180,14 @@ fn generate<B: Backend>(
     let t = Instant::now();
     let (source, model_name) = match model {
         Some(m) => (
-            instaflow::source::ModelSource::dir(m),
+            instaflow::sd::source::ModelSource::dir(m),
             args.model.as_deref().unwrap_or(m).display().to_string(),
         ),
         None => (embedded::default_model(), embedded::NAME.to_string()),
     };
     // Configs first (nothing allocated): the request is checked against memory before the
     // weights are read.
-    let mut pipe = instaflow::pipeline::init_components::<B>(&source, device)
+    let mut pipe = instaflow::sd::pipeline::init_components::<B>(&source, device)
         .with_context(|| format!("loading {model_name}"))?;
     let channels = pipe.unet_config.in_channels;
     let multiple = pipe.vae_scale << (pipe.unet_config.block_out_channels.len() - 1);
@@ -257,8 +257,8 @@ fn generate<B: Backend>(
     crate::note!("loaded {model_name} in {:.1} s", load_ms / 1e3);
     let noise = match given_noise {
         Some((_, values)) => values,
-        None => instaflow::noise::standard_normal(
-            &mut instaflow::noise::rng(args.seed),
+        None => instaflow::flow::noise::standard_normal(
+            &mut instaflow::flow::noise::rng(args.seed),
             noise_shape.iter().product(),
         ),
     };

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Repo, RepoType};
-use instaflow::source::{ModelSource, hub_cache_dir, hub_snapshot, parse_hub_id};
-use instaflow::weights::{COMPONENTS, weight_files};
+use instaflow::sd::source::{ModelSource, hub_cache_dir, hub_snapshot, parse_hub_id};
+use instaflow::sd::weights::{COMPONENTS, weight_files};
 
 /// The tokenizer files a diffusers `tokenizer/` folder may hold (BPE pair, or one `tokenizer.json`).
 const TOKENIZER_FILES: [&str; 5] = [

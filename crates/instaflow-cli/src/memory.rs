@@ -4,7 +4,7 @@
 use std::fmt;
 
 use anyhow::{Result, bail};
-use instaflow::pipeline::MemoryEstimate;
+use instaflow::sd::pipeline::MemoryEstimate;
 
 use crate::backend::Selected;
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Result, ensure};
 use burn::backend::Flex;
 use clap::Args;
-use instaflow::models::random::{Init, PRESETS, save_random_model};
+use instaflow::sd::models::random::{Init, PRESETS, save_random_model};
 
 use crate::convert::DtypeArg;
 use crate::embedded;

@@ -8,11 +8,11 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use clap::Args;
 use indicatif::ProgressStyle;
-use instaflow::data::ImageTextDataset;
-use instaflow::pipeline::InstaFlowPipeline;
-use instaflow::reflow::{PairPlan, census, generate_shard};
-use instaflow::solvers::{Rk45Options, Solver};
-use instaflow::source::ModelSource;
+use instaflow::flow::solvers::{Rk45Options, Solver};
+use instaflow::sd::pipeline::InstaFlowPipeline;
+use instaflow::sd::source::ModelSource;
+use instaflow::training::data::ImageTextDataset;
+use instaflow::training::reflow::{PairPlan, census, generate_shard};
 
 use crate::backend::{BackendChoice, resolve};
 use crate::with_backend;
@@ -177,10 +177,10 @@ pub fn run(choice: BackendChoice, mut args: ReflowArgs) -> Result<()> {
         "--pairs, --chunk and --batch must be positive"
     );
     ensure!(
-        args.pairs <= instaflow::reflow::MAX_PAIRS,
+        args.pairs <= instaflow::training::reflow::MAX_PAIRS,
         "--pairs {}: at most {} pairs per folder",
         args.pairs,
-        instaflow::reflow::MAX_PAIRS
+        instaflow::training::reflow::MAX_PAIRS
     );
     ensure!(
         args.guidance.is_finite(),
@@ -230,12 +230,12 @@ fn pairs<B: Backend>(
         TeacherSolver::Ddim(_) | TeacherSolver::Dpm(_) => {
             let source = ModelSource::dir(&args.model);
             let cfg = if source.exists("scheduler/scheduler_config.json") {
-                instaflow::pipeline::read_config::<instaflow::ddim::SchedulerConfig>(
+                instaflow::sd::pipeline::read_config::<instaflow::sd::ddim::SchedulerConfig>(
                     &source,
                     "scheduler",
                 )?
             } else {
-                instaflow::ddim::SchedulerConfig::default()
+                instaflow::sd::ddim::SchedulerConfig::default()
             };
             cfg.validate()
                 .map_err(|e| anyhow::anyhow!("{}/scheduler: {e}", args.model.display()))?;
@@ -269,9 +269,9 @@ fn pairs<B: Backend>(
                     let steps = sd.sd_steps().expect("an ε-prediction scheduler");
                     nfe += steps * if args.guidance == 1.0 { 1 } else { 2 };
                     let sample = if matches!(sd, TeacherSolver::Dpm(_)) {
-                        instaflow::dpm_solver::dpm_solver_sample
+                        instaflow::sd::dpm_solver::dpm_solver_sample
                     } else {
-                        instaflow::ddim::ddim_sample
+                        instaflow::sd::ddim::ddim_sample
                     };
                     sample(&pipe.unet, z0, &text, &negative, args.guidance, steps, cfg)
                 }

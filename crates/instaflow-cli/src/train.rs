@@ -11,13 +11,13 @@ use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Args, ValueEnum};
 use indicatif::ProgressStyle;
-use instaflow::data::ImageTextDataset;
-use instaflow::data_parallel::{Nodes, Replica, port_of, spawn_orchestrator};
-use instaflow::precision::Precision;
-use instaflow::reflow::PairSet;
-use instaflow::source::ModelSource;
-use instaflow::tokenizer::ClipTokenizer;
-use instaflow::train::{
+use instaflow::sd::source::ModelSource;
+use instaflow::sd::tokenizer::ClipTokenizer;
+use instaflow::training::data::ImageTextDataset;
+use instaflow::training::data_parallel::{Nodes, Replica, port_of, spawn_orchestrator};
+use instaflow::training::precision::Precision;
+use instaflow::training::reflow::PairSet;
+use instaflow::training::{
     ModelSpec, Stage, TextToImage, TrainConfig, TrainData, Trainer, checkpoint_to_resume,
     load_model, save_model,
 };

@@ -8,9 +8,9 @@ use burn::backend::wgpu::{WgpuDevice, WgpuRuntime, graphics, init_setup_async};
 use burn::backend::{Flex, WebGpu};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, FloatDType, IntDType, Tensor, TensorData, set_default_dtypes};
-use instaflow::pipeline::{GenerateOptions, InstaFlowPipeline, to_rgba8_async};
-use instaflow::source::ModelSource;
-use instaflow::weights::stream::{self, StreamingLoader};
+use instaflow::sd::pipeline::{GenerateOptions, InstaFlowPipeline, to_rgba8_async};
+use instaflow::sd::source::ModelSource;
+use instaflow::sd::weights::stream::{self, StreamingLoader};
 use js_sys::{Function, Object, Promise, Reflect, Uint8Array};
 use wasm_bindgen::JsCast;
 use wasm_bindgen::prelude::*;
@@ -553,8 +553,8 @@ async fn run<B: Backend>(
             Tensor::from_data(TensorData::new(values, shape), device)
         }
         // Same generator as the native CLI: the same seed gives the same image.
-        None => instaflow::noise::gaussian::<B, 4>(
-            &mut instaflow::noise::rng(req.seed as u64),
+        None => instaflow::flow::noise::gaussian::<B, 4>(
+            &mut instaflow::flow::noise::rng(req.seed as u64),
             shape,
             device,
         ),

@@ -8,8 +8,8 @@ use std::path::Path;
 
 use proptest::prelude::*;
 
-use crate::models::unet_2d::UNet2DConditionConfig;
-use crate::source::ModelSource;
+use crate::sd::models::unet_2d::UNet2DConditionConfig;
+use crate::sd::source::ModelSource;
 use crate::test_util::{TB, device, repo_path};
 
 /// Inputs per target.
@@ -102,10 +102,10 @@ fn safetensors_weights() {
             name: "fuzz".into(),
             files: [(file.to_string(), bytes)].into(),
         };
-        if crate::weights::stream::read_header_from(&source, file).is_ok() {
+        if crate::sd::weights::stream::read_header_from(&source, file).is_ok() {
             let mut unet = unet_cfg.init::<TB>(&device()).unwrap();
-            let files = [crate::weights::WeightFile(file.into())];
-            let _ = crate::weights::load(&mut unet, &source, &files, &[], &device());
+            let files = [crate::sd::weights::WeightFile(file.into())];
+            let _ = crate::sd::weights::load(&mut unet, &source, &files, &[], &device());
         }
     });
 }
@@ -153,7 +153,7 @@ fn tokenizer_files() {
         let (Ok(v), Ok(m)) = (String::from_utf8(v), String::from_utf8(m)) else {
             return Ok(());
         };
-        if let Ok(tok) = crate::tokenizer::ClipTokenizer::from_vocab_merges(&v, &m, None) {
+        if let Ok(tok) = crate::sd::tokenizer::ClipTokenizer::from_vocab_merges(&v, &m, None) {
             let _ = tok.encode("red heart");
         }
     });
@@ -168,9 +168,9 @@ fn noise_files() {
         safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 4, 2, 2], &values)
             .unwrap();
     let seed = safetensors::serialize([("noise", view)], None).unwrap();
-    assert!(crate::noise::from_safetensors(&seed, 4).is_ok());
+    assert!(crate::flow::noise::from_safetensors(&seed, 4).is_ok());
     proptest!(config(), |(edits in edits())| {
-        if let Ok((shape, values)) = crate::noise::from_safetensors(&mutate(&seed, &edits), 4) {
+        if let Ok((shape, values)) = crate::flow::noise::from_safetensors(&mutate(&seed, &edits), 4) {
             prop_assert_eq!(shape.iter().product::<usize>(), values.len());
             prop_assert!(values.iter().all(|v| v.is_finite()));
         }
@@ -180,7 +180,7 @@ fn noise_files() {
 #[test]
 fn reflow_pair_folders() {
     let dir = temp("pairs");
-    let plan = crate::reflow::PairPlan {
+    let plan = crate::training::reflow::PairPlan {
         prompts: vec!["red heart".into(), "blue star".into()],
         total: 2,
         seed: 1,
@@ -191,12 +191,12 @@ fn reflow_pair_folders() {
         guidance: 1.0,
     };
     plan.create_or_check(&dir).unwrap();
-    let chunk = crate::reflow::chunk_path(&dir, 0, 1, 0);
+    let chunk = crate::training::reflow::chunk_path(&dir, 0, 1, 0);
     std::fs::create_dir_all(chunk.parent().unwrap()).unwrap();
-    crate::reflow::write_chunk(&chunk, &plan, &[0, 1], &[0.5; 8], &[0.25; 8]).unwrap();
+    crate::training::reflow::write_chunk(&chunk, &plan, &[0, 1], &[0.5; 8], &[0.25; 8]).unwrap();
     let plan_seed = std::fs::read(dir.join("pairs.json")).unwrap();
     let chunk_seed = std::fs::read(&chunk).unwrap();
-    assert!(crate::reflow::PairSet::load(&dir).is_ok());
+    assert!(crate::training::reflow::PairSet::load(&dir).is_ok());
     proptest!(config(), |(edits in edits(), which in any::<bool>())| {
         if which {
             write(&dir, &[("pairs.json", &mutate(&plan_seed, &edits))]);
@@ -205,8 +205,8 @@ fn reflow_pair_folders() {
             write(&dir, &[("pairs.json", &plan_seed)]);
             std::fs::write(&chunk, mutate(&chunk_seed, &edits)).unwrap();
         }
-        let _ = crate::reflow::census(&dir);
-        let _ = crate::reflow::PairSet::load(&dir);
+        let _ = crate::training::reflow::census(&dir);
+        let _ = crate::training::reflow::PairSet::load(&dir);
     });
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -214,7 +214,7 @@ fn reflow_pair_folders() {
 #[test]
 fn image_text_data_sets() {
     let dir = temp("data");
-    let data = crate::data::ImageTextDataset {
+    let data = crate::training::data::ImageTextDataset {
         name: "fuzz".into(),
         source: "test".into(),
         licence: "none".into(),
@@ -224,11 +224,11 @@ fn image_text_data_sets() {
         images: vec![0, 64, 128, 255, 1, 2, 3, 4],
         classes: vec!["zero".into(), "one".into()],
         items: vec![
-            crate::data::Item {
+            crate::training::data::Item {
                 label: Some(0),
                 captions: vec!["a zero".into()],
             },
-            crate::data::Item {
+            crate::training::data::Item {
                 label: Some(1),
                 captions: vec!["a one".into()],
             },
@@ -244,7 +244,7 @@ fn image_text_data_sets() {
             (manifest.clone(), mutate(&images, &edits))
         };
         write(&dir, &[("dataset.json", &m), ("images.safetensors", &i)]);
-        if let Ok(d) = crate::data::ImageTextDataset::load(&dir) {
+        if let Ok(d) = crate::training::data::ImageTextDataset::load(&dir) {
             // A loaded set must be usable: every item's pixels and captions reachable.
             let _ = d.all_captions();
             if !d.is_empty() {

@@ -5,53 +5,22 @@
 //!
 //! The crate is generic over burn backends and builds natively and for `wasm32`.
 //!
-//! * [`flow`] — the time convention (the only place that converts time).
-//! * [`velocity`] — velocity fields and classifier-free guidance.
-//! * [`solvers`] — Euler, Heun, adaptive RK45, each reporting NFE.
-//! * [`losses`] — rectified-flow / reflow and distillation objectives.
-//! * [`metrics`] — straightness, transport cost, sliced Wasserstein.
-//! * [`models`] — SD-1.5 networks: CLIP text encoder, UNet, VAE.
-//! * [`kernels`] — convolution, GroupNorm(+SiLU) and attention kernels for the CPU backend.
-//! * [`pipeline`] — the InstaFlow sampling loop over a diffusers folder.
-//! * [`noise`] — seeded, backend-independent Gaussian noise.
-//! * [`bench`] — kernel timings for comparing backends.
-//! * [`source`] — model files from a folder or from memory.
-//! * [`weights`] — safetensors loading with precise errors.
+//! The tree follows the paper:
+//!
+//! * [`flow`] — rectified flow: the time convention (the only place that converts time),
+//!   velocity fields and guidance, solvers (Euler, Heun, RK45), losses, metrics, noise.
+//! * [`sd`] — Stable Diffusion 1.5 networks (CLIP, UNet, VAE) with CPU kernels, tokenizer,
+//!   weights and model sources, the InstaFlow sampling pipeline, DDIM and DPM-Solver++ teachers.
+//! * [`training`] — 1-RF, k-RF and distillation training (checkpoints, EMA, several devices,
+//!   mixed precision), reflow pairs, data sets, the evaluation classifier.
 //! * [`toy`] — the whole method on a 2-D conditional problem.
-//! * [`classifier`] — the small CNN behind the Fréchet distance and prompt accuracy.
-//! * [`data`] — caption–image data sets (MNIST-text, emoji) prepared from registry packages.
-//! * [`precision`] — mixed-precision training: f16/bf16 passes over f32 weights, loss scaling.
-//! * [`train`] — 1-RF, k-RF and distillation training with checkpoints; model export.
-//! * `data_parallel` — training on several devices: shares of each batch, averaged gradients
-//!   (native builds).
-//! * [`ddim`] — DDIM for ε-prediction SD teachers (InstaFlow's 1-RF pairs).
-//! * [`dpm_solver`] — DPM-Solver++ (2M), the faster teacher solver for ε-prediction models.
-//! * [`reflow`] — sharded, resumable reflow pair generation.
+//! * [`bench`] — kernel timings for comparing backends.
 
 pub mod bench;
-pub mod classifier;
-pub mod convert;
-pub mod data;
-#[cfg(not(target_arch = "wasm32"))]
-pub mod data_parallel;
-pub mod ddim;
-pub mod dpm_solver;
 pub mod flow;
-pub mod kernels;
-pub mod losses;
-pub mod metrics;
-pub mod models;
-pub mod noise;
-pub mod pipeline;
-pub mod precision;
-pub mod reflow;
-pub mod solvers;
-pub mod source;
-pub mod tokenizer;
+pub mod sd;
 pub mod toy;
-pub mod train;
-pub mod velocity;
-pub mod weights;
+pub mod training;
 
 #[cfg(test)]
 mod fuzz_tests;

@@ -24,7 +24,7 @@ pub fn repo_path(rel: &str) -> std::path::PathBuf {
 
 /// A parity fixture (`tests/fixtures/parity/NAME`) with the shared CLIP tokenizer, assembled in a
 /// fresh temporary folder of its own (tests run in parallel).
-pub fn parity_folder(name: &str, tag: &str) -> crate::source::ModelSource {
+pub fn parity_folder(name: &str, tag: &str) -> crate::sd::source::ModelSource {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!(
@@ -48,7 +48,7 @@ pub fn parity_folder(name: &str, tag: &str) -> crate::source::ModelSource {
         )
         .unwrap();
     }
-    crate::source::ModelSource::dir(dir)
+    crate::sd::source::ModelSource::dir(dir)
 }
 
 /// The largest |a − b| over two equally long slices; NaN if any difference is NaN (a fold with

@@ -6,7 +6,7 @@ use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::tensor::activation::silu;
 use burn::tensor::{Int, Tensor, backend::Backend};
 
-use crate::velocity::VelocityField;
+use crate::flow::velocity::VelocityField;
 
 /// Configuration of [`ToyMlp`].
 #[derive(Config, Debug)]

@@ -14,11 +14,11 @@ use burn::tensor::{Int, Tensor, TensorData};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::losses::{TimeSampler, distillation_loss, rectified_flow_loss};
-use crate::metrics::{PathStats, mmd2, path_stats};
-use crate::noise;
-use crate::solvers::{Rk45Options, Solver};
-use crate::velocity::Guided;
+use crate::flow::losses::{TimeSampler, distillation_loss, rectified_flow_loss};
+use crate::flow::metrics::{PathStats, mmd2, path_stats};
+use crate::flow::noise;
+use crate::flow::solvers::{Rk45Options, Solver};
+use crate::flow::velocity::Guided;
 
 /// Settings of the toy experiment.
 #[derive(Debug, Clone, PartialEq)]
@@ -310,7 +310,7 @@ fn solve<B: Backend>(
     labels: &[usize],
     solver: Solver,
     keep_trajectory: bool,
-) -> crate::solvers::Solution<B, 2> {
+) -> crate::flow::solvers::Solution<B, 2> {
     let device = model.devices()[0].clone();
     let cond = labels_tensor::<B>(labels, &device);
     let null = labels_tensor::<B>(&vec![cfg.target.null_label(); labels.len()], &device);

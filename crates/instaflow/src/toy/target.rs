@@ -71,7 +71,7 @@ mod tests {
             radius: 3.0,
             mode_std: 0.25,
         };
-        let mut rng = crate::noise::rng(0);
+        let mut rng = crate::flow::noise::rng(0);
         for c in 0..4 {
             for _ in 0..100 {
                 assert_eq!(target.classify(target.sample(c, &mut rng)), c);

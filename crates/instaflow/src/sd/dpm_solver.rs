@@ -13,8 +13,8 @@
 
 use burn::tensor::{Tensor, backend::Backend};
 
-use crate::ddim::{SchedulerConfig, guided_epsilon};
-use crate::models::UNet2DConditionModel;
+use crate::sd::ddim::{SchedulerConfig, guided_epsilon};
+use crate::sd::models::UNet2DConditionModel;
 
 /// The `steps` timesteps DPM-Solver visits, from noisiest to cleanest (its default spacing is
 /// `linspace`; numpy's round-half-to-even, as diffusers).

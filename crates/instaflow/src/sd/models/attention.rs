@@ -7,7 +7,7 @@ use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::{Tensor, backend::Backend};
 
 use super::resnet::{conv2d, group_norm};
-use crate::kernels;
+use crate::sd::kernels;
 
 /// Most attention-score elements computed at once. SD-1.5's self-attention at a 64×64 latent would
 /// need 8 heads × 4096² scores (537 MB in f32); queries are processed in chunks below this budget,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::data::write_atomic;
+use crate::training::data::write_atomic;
 
 /// Floating-point type of the converted weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

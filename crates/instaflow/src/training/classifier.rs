@@ -17,8 +17,8 @@ use burn_store::{ModuleSnapshot, SafetensorsStore};
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
-use crate::data::ImageTextDataset;
-use crate::noise;
+use crate::flow::noise;
+use crate::training::data::ImageTextDataset;
 
 /// Shape of a [`Classifier`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -5,259 +5,30 @@
 //! Every random choice of step `s` (batch, captions, dropout, noise, times) comes from a generator
 //! seeded by `(seed, s)`, so a resumed run draws exactly what an uninterrupted run would have.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+mod checkpoint;
+mod ema;
 
-use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+pub use checkpoint::checkpoint_to_resume;
+
+use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
-use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 
-use crate::data::{DataError, ImageTextDataset, write_atomic};
+use crate::flow::losses::{TimeSampler, distillation_loss, rectified_flow_loss};
+use crate::flow::noise;
+use crate::flow::velocity::VelocityField;
+use crate::sd::tokenizer::{ClipTokenizer, MAX_LENGTH};
+use crate::training::data::ImageTextDataset;
 #[cfg(not(target_arch = "wasm32"))]
-use crate::data_parallel::Replica;
-use crate::losses::{TimeSampler, distillation_loss, rectified_flow_loss};
-use crate::models::{ClipTextConfig, ClipTextModel, UNet2DConditionConfig, UNet2DConditionModel};
-use crate::noise;
-use crate::pipeline::{LoadError, load_text_encoder, load_unet, read_config};
-use crate::precision::{HalfPrecision, LossScaler, Precision, unscale_gradients};
-use crate::reflow::PairSet;
-use crate::source::ModelSource;
-use crate::tokenizer::{ClipTokenizer, MAX_LENGTH};
-use crate::velocity::VelocityField;
-use burn_store::{
-    BurnToPyTorchAdapter, HalfPrecisionAdapter, ModuleAdapter, ModuleSnapshot, SafetensorsStore,
-};
-
-/// The trainable part of a pixel-space InstaFlow model: text encoder and velocity UNet, trained
-/// together (no pretrained CLIP weights can be had offline).
-#[derive(Module, Debug)]
-pub struct TextToImage<B: Backend> {
-    /// CLIP text encoder.
-    pub text_encoder: ClipTextModel<B>,
-    /// Velocity UNet.
-    pub unet: UNet2DConditionModel<B>,
-}
-
-impl<B: Backend> VelocityField<B, 4> for TextToImage<B> {
-    /// Token ids `[B, 77]`.
-    type Cond = Tensor<B, 2, Int>;
-
-    fn velocity(&self, x: Tensor<B, 4>, t: Tensor<B, 1>, ids: &Tensor<B, 2, Int>) -> Tensor<B, 4> {
-        let text = self.text_encoder.forward(ids.clone());
-        self.unet.velocity(x, t, &text)
-    }
-}
-
-/// Architecture of a [`TextToImage`]: the diffusers `config.json` of each part.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ModelSpec {
-    /// `unet/config.json`.
-    pub unet: Value,
-    /// `text_encoder/config.json`.
-    pub text_encoder: Value,
-}
-
-/// Named sizes for new models.
-pub const PRESETS: [&str; 3] = ["tiny", "small", "base"];
-
-impl ModelSpec {
-    /// A new SD-1.5-style architecture for `channels`×`size`² images (pixel space): `tiny` for tests,
-    /// `small` and `base` for real runs.
-    pub fn preset(name: &str, channels: usize, size: usize) -> Result<Self, String> {
-        // (block widths, layers per block, levels with cross-attention, text width, text layers, heads)
-        let (blocks, layers, attn_levels, text_width, text_layers, heads): (
-            &[usize],
-            usize,
-            usize,
-            usize,
-            usize,
-            usize,
-        ) = match name {
-            "tiny" => (&[16, 32], 1, 1, 32, 1, 2),
-            "small" => (&[32, 64, 64], 1, 1, 64, 2, 4),
-            "base" => (&[64, 128, 128], 2, 2, 128, 3, 4),
-            _ => return Err(format!("unknown model size {name:?} (one of {PRESETS:?})")),
-        };
-        let levels = blocks.len();
-        if !size.is_multiple_of(1 << (levels - 1)) {
-            return Err(format!(
-                "image size {size} must be a multiple of {}",
-                1 << (levels - 1)
-            ));
-        }
-        // Cross-attention only at the coarsest levels (and in the mid block): on CPUs the
-        // attention layers at full resolution cost more than everything else together.
-        let plain = levels - attn_levels;
-        let mut down = vec!["DownBlock2D"; plain];
-        down.extend(std::iter::repeat_n("CrossAttnDownBlock2D", attn_levels));
-        let mut up: Vec<&str> = std::iter::repeat_n("CrossAttnUpBlock2D", attn_levels).collect();
-        up.extend(std::iter::repeat_n("UpBlock2D", plain));
-        let unet = json!({
-            "_class_name": "UNet2DConditionModel",
-            "sample_size": size,
-            "in_channels": channels,
-            "out_channels": channels,
-            "down_block_types": down,
-            "up_block_types": up,
-            "block_out_channels": blocks,
-            "layers_per_block": layers,
-            "cross_attention_dim": text_width,
-            "attention_head_dim": heads,
-            "norm_num_groups": 8,
-            "use_linear_projection": true,
-        });
-        let text_encoder = json!({
-            "architectures": ["CLIPTextModel"],
-            "vocab_size": 49408,
-            "hidden_size": text_width,
-            "intermediate_size": 4 * text_width,
-            "num_hidden_layers": text_layers,
-            "num_attention_heads": heads,
-            "max_position_embeddings": MAX_LENGTH,
-            "hidden_act": "quick_gelu",
-            "layer_norm_eps": 1e-5,
-            "eos_token_id": 49407,
-            "bos_token_id": 49406,
-            "pad_token_id": 49407,
-        });
-        Ok(Self { unet, text_encoder })
-    }
-
-    /// Read the configs of a model folder.
-    pub fn from_source(source: &ModelSource) -> Result<Self, LoadError> {
-        Ok(Self {
-            unet: read_config(source, "unet")?,
-            text_encoder: read_config(source, "text_encoder")?,
-        })
-    }
-
-    /// The UNet config.
-    pub fn unet_config(&self) -> Result<UNet2DConditionConfig, String> {
-        serde_json::from_value(self.unet.clone()).map_err(|e| format!("unet config: {e}"))
-    }
-
-    /// A freshly initialised model. Its weights are drawn here, in parameter order, from the
-    /// backend's seeded generator: burn initialises parameters lazily, at their first use, so
-    /// copies made before that (one per training device) would each draw their own.
-    pub fn init<B: Backend>(&self, device: &B::Device) -> Result<TextToImage<B>, String> {
-        let text: ClipTextConfig = serde_json::from_value(self.text_encoder.clone())
-            .map_err(|e| format!("text encoder config: {e}"))?;
-        let model = TextToImage {
-            text_encoder: text.init(device).map_err(|e| e.to_string())?,
-            unet: self
-                .unet_config()?
-                .init(device)
-                .map_err(|e| e.to_string())?,
-        };
-        model.visit(&mut Materialize);
-        Ok(model)
-    }
-
-    /// Image shape `[C, H, W]` the model generates.
-    pub fn image_shape(&self) -> Result<[usize; 3], String> {
-        let cfg = self.unet_config()?;
-        let (h, w) = cfg.latent_size();
-        Ok([cfg.in_channels, h, w])
-    }
-}
-
-/// Load the text encoder and UNet of a model folder for training or as a teacher.
-pub fn load_model<B: Backend>(
-    source: &ModelSource,
-    device: &B::Device,
-) -> Result<(ModelSpec, TextToImage<B>), LoadError> {
-    let spec = ModelSpec::from_source(source)?;
-    let text_encoder = load_text_encoder(source, "text_encoder", device)?;
-    let (_, unet) = load_unet(source, "unet", device)?;
-    Ok((spec, TextToImage { text_encoder, unet }))
-}
-
-/// Inverse of the loader's name remaps: module paths → diffusers names.
-pub(crate) const SAVE_REMAPS: &[(&str, &str)] = &[
-    (r"\.ff\.proj_in\.", ".ff.net.0.proj."),
-    (r"\.ff\.proj_out\.", ".ff.net.2."),
-];
-
-pub(crate) fn save_safetensors<B: Backend, M: ModuleSnapshot<B>>(
-    module: &M,
-    path: &Path,
-    half: bool,
-) -> Result<(), String> {
-    // Written beside the target and renamed over it: an interrupted export never leaves a
-    // half-written weights file where the last good one was.
-    let tmp = path.with_extension("tmp.safetensors");
-    let store = SafetensorsStore::from_file(&tmp)
-        .overwrite(true)
-        .skip_enum_variants(true);
-    let store = if half {
-        store.with_to_adapter(BurnToPyTorchAdapter.chain(HalfPrecisionAdapter::new()))
-    } else {
-        store.with_to_adapter(BurnToPyTorchAdapter)
-    };
-    let mut store = SAVE_REMAPS
-        .iter()
-        .fold(store, |s, (from, to)| s.with_key_remapping(*from, *to));
-    let saved = module
-        .save_into(&mut store)
-        .map_err(|e| e.to_string())
-        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| e.to_string()));
-    saved.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("writing {}: {e}", path.display())
-    })
-}
-
-/// Write `model` as a diffusers folder (`model_index.json`, `unet/`, `text_encoder/`, `tokenizer/`)
-/// without a VAE: a pixel-space model the pipeline decodes by rescaling. `half` stores f16.
-pub fn save_model<B: Backend>(
-    model: &TextToImage<B>,
-    spec: &ModelSpec,
-    tokenizer: &ModelSource,
-    dir: &Path,
-    half: bool,
-) -> Result<(), String> {
-    let mkdir = |d: &Path| std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()));
-    let write = |p: PathBuf, bytes: &[u8]| write_atomic(&p, bytes).map_err(|e| e.to_string());
-    for sub in ["unet", "text_encoder", "tokenizer"] {
-        mkdir(&dir.join(sub))?;
-    }
-    let pretty = |v: &Value| serde_json::to_vec_pretty(v).expect("json");
-    write(dir.join("unet/config.json"), &pretty(&spec.unet))?;
-    write(
-        dir.join("text_encoder/config.json"),
-        &pretty(&spec.text_encoder),
-    )?;
-    for file in ["vocab.json", "merges.txt"] {
-        let bytes = tokenizer
-            .read(&format!("tokenizer/{file}"))
-            .map_err(|e| e.to_string())?;
-        write(dir.join("tokenizer").join(file), &bytes)?;
-    }
-    let index = json!({
-        "_class_name": "RectifiedFlowPipeline",
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-    });
-    write(dir.join("model_index.json"), &pretty(&index))?;
-    save_safetensors(
-        &model.unet,
-        &dir.join("unet/diffusion_pytorch_model.safetensors"),
-        half,
-    )?;
-    save_safetensors(
-        &model.text_encoder,
-        &dir.join("text_encoder/model.safetensors"),
-        half,
-    )
-}
+use crate::training::data_parallel::Replica;
+use crate::training::model::TextToImage;
+use crate::training::precision::{HalfPrecision, LossScaler, Precision, unscale_gradients};
+use crate::training::reflow::PairSet;
 
 /// What a training run fits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -345,50 +116,6 @@ impl TrainData {
     }
 }
 
-/// Saved progress next to the weights of a checkpoint.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct State {
-    step: usize,
-    stage: Stage,
-    config: TrainConfig,
-    losses: Vec<(usize, f64)>,
-    /// The f16 loss scale (absent in f32/bf16 runs and in older checkpoints).
-    #[serde(default)]
-    loss_scaler: Option<LossScaler>,
-}
-
-/// Flattened float parameters by id (for the EMA).
-struct Collect<B: Backend>(HashMap<ParamId, Tensor<B, 1>>);
-
-impl<B: Backend> ModuleVisitor<B> for Collect<B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let t = param.val();
-        let n = t.shape().num_elements();
-        self.0.insert(param.id, t.reshape([n]));
-    }
-}
-
-/// Draws every lazily initialised parameter now.
-struct Materialize;
-
-impl<B: Backend> ModuleVisitor<B> for Materialize {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        param.val();
-    }
-}
-
-/// Whether every float parameter is finite (checked before a checkpoint replaces the last one).
-struct AllFinite(bool);
-
-impl<B: Backend> ModuleVisitor<B> for AllFinite {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if self.0 {
-            let sum: f64 = param.val().abs().sum().into_scalar().elem();
-            self.0 = sum.is_finite();
-        }
-    }
-}
-
 /// The loss of `stage`'s objective: the flow loss at times `t`, or distillation without them.
 fn loss_of<B: Backend, V: VelocityField<B, 4>>(
     field: &V,
@@ -403,35 +130,8 @@ fn loss_of<B: Backend, V: VelocityField<B, 4>>(
     }
 }
 
-/// `ema ← decay·ema + (1 − decay)·current`, parameter by parameter.
-struct Blend<B: Backend> {
-    current: HashMap<ParamId, Tensor<B, 1>>,
-    decay: f64,
-}
-
-impl<B: Backend> ModuleMapper<B> for Blend<B> {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let (id, tensor, mapper) = param.consume();
-        let tensor = match self.current.remove(&id) {
-            Some(cur) => {
-                let shape = tensor.shape();
-                tensor * self.decay + cur.reshape(shape) * (1.0 - self.decay)
-            }
-            None => tensor,
-        };
-        Param::from_mapped_value(id, tensor, mapper)
-    }
-}
-
-/// The checkpoint folder to resume from: `dir`, or its `.old` twin if a save was cut short.
-pub fn checkpoint_to_resume(dir: &Path) -> Option<PathBuf> {
-    [dir.to_path_buf(), dir.with_extension("old")]
-        .into_iter()
-        .find(|d| d.join("state.json").is_file())
-}
-
 type Optim<B> = OptimizerAdaptor<AdamW, TextToImage<B>, B>;
-type Rec = NamedMpkFileRecorder<FullPrecisionSettings>;
+type Rec = burn::record::NamedMpkFileRecorder<burn::record::FullPrecisionSettings>;
 
 /// With [`Trainer::skip_non_finite`], this many dropped batches in a row stop the run: the
 /// weights themselves have diverged.
@@ -467,13 +167,6 @@ pub struct Trainer<B: AutodiffBackend> {
     tokenizer: ClipTokenizer,
     empty_ids: Vec<u32>,
     device: B::Device,
-}
-
-fn ckpt_err(path: &Path, e: impl std::fmt::Display) -> DataError {
-    DataError::Invalid {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    }
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
@@ -689,128 +382,10 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         self.model = self.optim.step(self.lr(s), self.model.clone(), grads);
         let decay = self.config.ema_decay.min((1 + s) as f64 / (10 + s) as f64);
-        let mut current = Collect(HashMap::new());
-        self.model.valid().visit(&mut current);
-        self.ema = self.ema.clone().map(&mut Blend {
-            current: current.0,
-            decay,
-        });
+        self.ema = ema::update(self.ema.clone(), &self.model, decay);
         self.step += 1;
         self.losses.push((s, value));
         Ok(value)
-    }
-
-    /// Write model, EMA, optimizer state and progress to `dir` (replaced atomically: a crash
-    /// leaves either the previous checkpoint or the new one).
-    pub fn save_checkpoint(&self, dir: &Path) -> Result<(), DataError> {
-        // Weights that diverged never replace the last good checkpoint.
-        let mut finite = AllFinite(true);
-        self.model.visit(&mut finite);
-        self.ema.visit(&mut finite);
-        if !finite.0 {
-            return Err(ckpt_err(
-                dir,
-                format!(
-                    "the weights are not finite after step {}; {} (lower --lr)",
-                    self.step,
-                    if dir.exists() {
-                        "the previous checkpoint is kept: --resume continues from it"
-                    } else {
-                        "no checkpoint was written"
-                    }
-                ),
-            ));
-        }
-        let tmp = dir.with_extension("tmp");
-        let old = dir.with_extension("old");
-        let write = || -> Result<(), String> {
-            let _ = std::fs::remove_dir_all(&tmp);
-            std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
-            let rec = Rec::new();
-            rec.record(self.model.clone().into_record(), tmp.join("model"))
-                .map_err(|e| e.to_string())?;
-            rec.record(self.ema.clone().into_record(), tmp.join("ema"))
-                .map_err(|e| e.to_string())?;
-            rec.record(self.optim.to_record(), tmp.join("optim"))
-                .map_err(|e| e.to_string())?;
-            let state = State {
-                step: self.step,
-                stage: self.stage,
-                config: self.config.clone(),
-                losses: self.losses.clone(),
-                loss_scaler: (self.config.precision == Precision::F16)
-                    .then(|| self.loss_scaler.clone()),
-            };
-            std::fs::write(
-                tmp.join("state.json"),
-                serde_json::to_vec(&state).expect("json"),
-            )
-            .map_err(|e| e.to_string())
-        };
-        // A failed write (a full disk, say) leaves the last checkpoint as it was.
-        if let Err(e) = write() {
-            let _ = std::fs::remove_dir_all(&tmp);
-            let kept = if dir.exists() {
-                "the previous checkpoint is kept"
-            } else {
-                "no earlier checkpoint exists"
-            };
-            return Err(ckpt_err(
-                &tmp,
-                format!(
-                    "writing the step-{} checkpoint failed ({e}); {kept}",
-                    self.step
-                ),
-            ));
-        }
-        if dir.exists() {
-            let _ = std::fs::remove_dir_all(&old);
-            std::fs::rename(dir, &old).map_err(|e| ckpt_err(dir, e))?;
-        }
-        std::fs::rename(&tmp, dir).map_err(|e| ckpt_err(dir, e))?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
-    }
-
-    /// Continue from a checkpoint written by [`Trainer::save_checkpoint`]. The stage and settings
-    /// must match the run being resumed.
-    pub fn resume(&mut self, dir: &Path) -> Result<(), DataError> {
-        let state_path = dir.join("state.json");
-        let text = std::fs::read(&state_path).map_err(|e| ckpt_err(&state_path, e))?;
-        let state: State = serde_json::from_slice(&text).map_err(|e| ckpt_err(&state_path, e))?;
-        if state.stage != self.stage {
-            return Err(ckpt_err(
-                &state_path,
-                format!(
-                    "checkpoint is a {:?} run, not {:?}",
-                    state.stage, self.stage
-                ),
-            ));
-        }
-        let rec = Rec::new();
-        let model = rec
-            .load(dir.join("model"), &self.device)
-            .map_err(|e| ckpt_err(dir, e))?;
-        let ema = rec
-            .load(dir.join("ema"), &self.device)
-            .map_err(|e| ckpt_err(dir, e))?;
-        let optim = rec
-            .load(dir.join("optim"), &self.device)
-            .map_err(|e| ckpt_err(dir, e))?;
-        self.model = self.model.clone().load_record(model);
-        self.ema = self.ema.clone().load_record(ema);
-        self.optim = self.optim.clone().load_record(optim);
-        self.step = state.step;
-        self.losses = state.losses;
-        // Only the length and the precision may change on resume.
-        let (steps, precision) = (self.config.steps, self.config.precision);
-        self.config = TrainConfig {
-            steps,
-            precision,
-            ..state.config
-        };
-        self.loss_scaler = state.loss_scaler.unwrap_or_default();
-        Ok(())
     }
 }
 
@@ -818,11 +393,15 @@ impl<B: AutodiffBackend> Trainer<B> {
 mod tests {
     use super::*;
     use crate::flow::T_NOISE;
-    use crate::losses::mse;
-    use crate::solvers::euler;
+    use crate::flow::losses::mse;
+    use crate::flow::solvers::euler;
+    use crate::flow::velocity::Guided;
+    use crate::sd::source::ModelSource;
     use crate::test_util::{TB, device, to_vec};
-    use crate::velocity::Guided;
+    use crate::training::model::{ModelSpec, save_model};
     use burn::backend::Autodiff;
+    use burn::module::{Module, ModuleVisitor, Param};
+    use std::path::Path;
 
     type AD = Autodiff<TB>;
 
@@ -917,7 +496,7 @@ mod tests {
         // Pairs from the teacher's 8-step ODE, written through the reflow module.
         let dir = std::env::temp_dir().join(format!("instaflow-distill-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let plan = crate::reflow::PairPlan {
+        let plan = crate::training::reflow::PairPlan {
             prompts: data.all_captions(),
             total: 96,
             seed: 3,
@@ -951,7 +530,7 @@ mod tests {
             .x;
             Ok(to_vec(x))
         };
-        crate::reflow::generate_shard(&plan, &dir, 0, 1, solve, |_, _| {}).unwrap();
+        crate::training::reflow::generate_shard(&plan, &dir, 0, 1, solve, |_, _| {}).unwrap();
         let pairs = PairSet::load(&dir).unwrap();
         // One-step error of a model on all pairs: ‖X0 + v(X0, 0) − X1‖².
         let one_step_error = |m: &TextToImage<TB>| {
@@ -1009,12 +588,17 @@ mod tests {
         for half in [false, true] {
             let out = dir.join(if half { "f16" } else { "f32" });
             save_model(&model, &spec, &tok_src, &out, half).unwrap();
-            let pipe =
-                crate::pipeline::InstaFlowPipeline::<TB>::load(&ModelSource::dir(&out), &device())
-                    .unwrap();
+            let pipe = crate::sd::pipeline::InstaFlowPipeline::<TB>::load(
+                &ModelSource::dir(&out),
+                &device(),
+            )
+            .unwrap();
             assert!(pipe.vae.is_none());
-            let z =
-                crate::noise::gaussian::<TB, 4>(&mut crate::noise::rng(1), [2, 1, 8, 8], &device());
+            let z = crate::flow::noise::gaussian::<TB, 4>(
+                &mut crate::flow::noise::rng(1),
+                [2, 1, 8, 8],
+                &device(),
+            );
             let text = pipe
                 .encode_prompts(&["a seven", "zero"], &device())
                 .unwrap();

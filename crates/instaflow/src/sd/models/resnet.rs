@@ -1,7 +1,7 @@
 //! `ResnetBlock2D`, `Downsample2D`, `Upsample2D` (diffusers `resnet.py`, `downsampling.py`,
 //! `upsampling.py`).
 
-use crate::kernels;
+use crate::sd::kernels;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d};

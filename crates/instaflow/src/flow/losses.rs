@@ -9,8 +9,8 @@ use burn::tensor::{Tensor, backend::Backend};
 use rand::Rng;
 use rand_distr::StandardNormal;
 
+use crate::flow::velocity::VelocityField;
 use crate::flow::{T_NOISE, interpolate, target_velocity};
-use crate::velocity::VelocityField;
 
 /// How training times `t` are drawn.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -110,7 +110,7 @@ mod tests {
 
     #[test]
     fn time_samplers_stay_in_unit_interval() {
-        let mut rng = crate::noise::rng(1);
+        let mut rng = crate::flow::noise::rng(1);
         for s in [
             TimeSampler::Uniform,
             TimeSampler::LogitNormal {

@@ -11,17 +11,17 @@
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 use serde::de::DeserializeOwned;
 
+use crate::flow::solvers::{Solution, Solver, euler};
 use crate::flow::unet_timesteps;
-use crate::models::config::ConfigError;
-use crate::models::{
+use crate::flow::velocity::{Guided, VelocityField};
+use crate::sd::models::config::ConfigError;
+use crate::sd::models::{
     AutoencoderKL, AutoencoderKLConfig, ClipTextConfig, ClipTextModel, UNet2DConditionConfig,
     UNet2DConditionModel,
 };
-use crate::solvers::{Solution, Solver, euler};
-use crate::source::{ModelSource, SourceError};
-use crate::tokenizer::{ClipTokenizer, TokenizerError};
-use crate::velocity::{Guided, VelocityField};
-use crate::weights::{self, WeightsError};
+use crate::sd::source::{ModelSource, SourceError};
+use crate::sd::tokenizer::{ClipTokenizer, TokenizerError};
+use crate::sd::weights::{self, WeightsError};
 
 /// Why a model folder could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -181,13 +181,13 @@ fn check_components(
         path: source.display(&format!("{dir}/config.json")),
         message,
     };
-    if text.max_position_embeddings < crate::tokenizer::MAX_LENGTH {
+    if text.max_position_embeddings < crate::sd::tokenizer::MAX_LENGTH {
         return Err(fail(
             "text_encoder",
             format!(
                 "max_position_embeddings {} is shorter than the {} tokens of a prompt",
                 text.max_position_embeddings,
-                crate::tokenizer::MAX_LENGTH
+                crate::sd::tokenizer::MAX_LENGTH
             ),
         ));
     }
@@ -441,7 +441,7 @@ impl<B: Backend> InstaFlowPipeline<B> {
         }
         let n = prompts.len();
         let ids = Tensor::<B, 2, Int>::from_data(
-            TensorData::new(ids, [n, crate::tokenizer::MAX_LENGTH]),
+            TensorData::new(ids, [n, crate::sd::tokenizer::MAX_LENGTH]),
             device,
         );
         Ok(self.text_encoder.forward(ids))

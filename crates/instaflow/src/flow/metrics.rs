@@ -3,7 +3,7 @@
 use burn::tensor::{ElementConversion, Tensor, backend::Backend};
 use rand::Rng;
 
-use crate::velocity::Ode;
+use crate::flow::velocity::Ode;
 
 /// Straightness and transport cost of a flow, measured on one batch.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -65,7 +65,7 @@ pub fn sliced_wasserstein(
     let n = a.len() / dim;
     let mut total = 0.0;
     for _ in 0..projections {
-        let mut dir: Vec<f64> = crate::noise::standard_normal(rng, dim)
+        let mut dir: Vec<f64> = crate::flow::noise::standard_normal(rng, dim)
             .into_iter()
             .map(f64::from)
             .collect();
@@ -173,9 +173,9 @@ mod tests {
     #[test]
     fn frechet_distance_of_known_gaussians() {
         // N(0, I) vs N(m, 4I) in 2-D: ‖m‖² + Tr(I + 4I − 2·2I) = ‖m‖² + 2.
-        let mut rng = crate::noise::rng(3);
-        let a = crate::noise::standard_normal(&mut rng, 2 * 40_000);
-        let b: Vec<f32> = crate::noise::standard_normal(&mut rng, 2 * 40_000)
+        let mut rng = crate::flow::noise::rng(3);
+        let a = crate::flow::noise::standard_normal(&mut rng, 2 * 40_000);
+        let b: Vec<f32> = crate::flow::noise::standard_normal(&mut rng, 2 * 40_000)
             .chunks(2)
             .flat_map(|r| [2.0 * r[0] + 1.0, 2.0 * r[1] - 2.0])
             .collect();
@@ -217,9 +217,9 @@ mod tests {
 
     #[test]
     fn mmd_separates_shifted_sets() {
-        let mut rng = crate::noise::rng(4);
-        let a = crate::noise::standard_normal(&mut rng, 2 * 300);
-        let b = crate::noise::standard_normal(&mut rng, 2 * 300);
+        let mut rng = crate::flow::noise::rng(4);
+        let a = crate::flow::noise::standard_normal(&mut rng, 2 * 300);
+        let b = crate::flow::noise::standard_normal(&mut rng, 2 * 300);
         let shifted: Vec<f32> = b.iter().map(|x| x + 1.0).collect();
         let same = mmd2(&a, &b, 2, &[0.5, 1.0]);
         let far = mmd2(&a, &shifted, 2, &[0.5, 1.0]);
@@ -229,8 +229,8 @@ mod tests {
 
     #[test]
     fn sliced_wasserstein_of_a_shift() {
-        let mut rng = crate::noise::rng(3);
-        let a = crate::noise::standard_normal(&mut rng, 2 * 500);
+        let mut rng = crate::flow::noise::rng(3);
+        let a = crate::flow::noise::standard_normal(&mut rng, 2 * 500);
         let b: Vec<f32> = a.iter().map(|x| x + 1.0).collect();
         // Shifting by (1,1) moves each projection by θ·(1,1): E(θ·(1,1))² = 1 for unit θ in 2-D.
         let sw = sliced_wasserstein(&a, &b, 2, 400, &mut rng);

@@ -16,8 +16,8 @@ use rand_chacha::ChaCha8Rng;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{DataError, invalid, write_atomic};
-use crate::noise;
+use crate::flow::noise;
+use crate::training::data::{DataError, invalid, write_atomic};
 
 /// Most pairs one folder may hold (the paper's SD pair sets: 3.2 M).
 pub const MAX_PAIRS: usize = 100_000_000;

@@ -1,5 +1,5 @@
 //! Loading diffusers/transformers safetensors weights (f32, f16 or bf16; one file or shards with
-//! an index) into the models of [`crate::models`].
+//! an index) into the models of [`crate::sd::models`].
 //!
 //! Files on disk are memory-mapped and every tensor whose dtype already is the device's float type
 //! is used in place on the CPU backend (no copy: a 3.4 GB UNet loads in the time it takes to map
@@ -18,7 +18,7 @@ use regex::Regex;
 mod layout;
 pub mod stream;
 
-use crate::source::ModelSource;
+use crate::sd::source::ModelSource;
 use layout::{ParamLister, ParamSetter};
 use stream::{HeaderTensor, header_length, not_a_weight_dtype, parse_header};
 
@@ -212,13 +212,13 @@ fn tensor_data(file: &bytes::Bytes, t: &HeaderTensor, float: DType, transpose: b
     }
     let values = match t.dtype {
         DType::F32 if aligned => std::borrow::Cow::Borrowed(bytemuck::cast_slice::<u8, f32>(&raw)),
-        DType::F16 => crate::convert::floats(safetensors::Dtype::F16, &raw)
+        DType::F16 => crate::sd::convert::floats(safetensors::Dtype::F16, &raw)
             .expect("float")
             .into(),
-        DType::BF16 => crate::convert::floats(safetensors::Dtype::BF16, &raw)
+        DType::BF16 => crate::sd::convert::floats(safetensors::Dtype::BF16, &raw)
             .expect("float")
             .into(),
-        _ => crate::convert::floats(safetensors::Dtype::F32, &raw)
+        _ => crate::sd::convert::floats(safetensors::Dtype::F32, &raw)
             .expect("float")
             .into(),
     };
@@ -404,7 +404,7 @@ mod tests {
     #[test]
     fn a_loaded_unet_equals_its_file_and_mismatches_name_the_tensors() {
         let source = parity_folder("conv-f32", "weights-load");
-        let (_, unet) = crate::pipeline::load_unet::<TB>(&source, "unet", &device()).unwrap();
+        let (_, unet) = crate::sd::pipeline::load_unet::<TB>(&source, "unet", &device()).unwrap();
         // Spot-check a Linear weight (stored [out, in], held [in, out]) against the file.
         let path = source
             .path("unet/diffusion_pytorch_model.safetensors")
@@ -416,7 +416,7 @@ mod tests {
             .into_iter()
             .find(|(n, v)| n.ends_with("to_q.weight") && v.shape().len() == 2)
             .unwrap();
-        let stored = crate::convert::floats(view.dtype(), view.data()).unwrap();
+        let stored = crate::sd::convert::floats(view.dtype(), view.data()).unwrap();
         let [out, inp] = [view.shape()[0], view.shape()[1]];
         let mut found = None;
         unet.visit(&mut FindParam {
@@ -435,7 +435,7 @@ mod tests {
             .path("vae/diffusion_pytorch_model.safetensors")
             .unwrap();
         std::fs::copy(&vae_file, &path).unwrap();
-        let err = crate::pipeline::load_unet::<TB>(&source, "unet", &device())
+        let err = crate::sd::pipeline::load_unet::<TB>(&source, "unet", &device())
             .unwrap_err()
             .to_string();
         assert!(err.contains("missing from the file"), "{err}");

@@ -10,7 +10,7 @@ use super::attention::{merge_heads, scaled_dot_product, split_heads};
 use super::config::{ConfigError, at_most, positive_sizes, require};
 use super::resnet::{ResnetBlock2D, ResnetSettings, conv2d, group_norm};
 use super::unet_2d_blocks::CoderBlock2D;
-use crate::kernels;
+use crate::sd::kernels;
 
 /// The fields of a diffusers `vae/config.json` this implementation reads.
 #[derive(Debug, Clone, Deserialize)]

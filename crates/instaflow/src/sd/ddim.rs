@@ -8,8 +8,8 @@
 use burn::tensor::{Tensor, TensorData, backend::Backend};
 use serde::Deserialize;
 
-use crate::models::UNet2DConditionModel;
-use crate::velocity::guide;
+use crate::flow::velocity::guide;
+use crate::sd::models::UNet2DConditionModel;
 
 fn default_train_steps() -> usize {
     1000

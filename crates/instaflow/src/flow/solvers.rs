@@ -5,7 +5,7 @@
 
 use burn::tensor::{ElementConversion, Tensor, backend::Backend};
 
-use crate::velocity::Ode;
+use crate::flow::velocity::Ode;
 
 /// The result of integrating an ODE.
 #[derive(Debug, Clone)]

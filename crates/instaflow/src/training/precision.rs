@@ -13,7 +13,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, ElementConversion, FloatDType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::velocity::VelocityField;
+use crate::flow::velocity::VelocityField;
 
 /// The float type training computes in (`--precision`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -192,9 +192,9 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for Unscale<'_, B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::losses::rectified_flow_loss;
+    use crate::flow::losses::rectified_flow_loss;
     use crate::test_util::{TB, device, to_vec};
-    use crate::train::{ModelSpec, TextToImage};
+    use crate::training::{ModelSpec, TextToImage};
     use burn::backend::Autodiff;
     use burn::tensor::{Int, TensorData};
     use rand::SeedableRng;
@@ -232,7 +232,7 @@ mod tests {
         // Seeded here, not by the backend's generator, which tests running in parallel share.
         let mut rng = ChaCha8Rng::seed_from_u64(4);
         let mut normal = || {
-            let v = crate::noise::standard_normal(&mut rng, 4 * 64);
+            let v = crate::flow::noise::standard_normal(&mut rng, 4 * 64);
             Tensor::<AD, 4>::from_data(TensorData::new(v, [4, 1, 8, 8]), &device())
         };
         let (x0, x1) = (normal(), normal());

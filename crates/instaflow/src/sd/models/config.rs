@@ -107,8 +107,8 @@ pub fn require(
 
 #[cfg(test)]
 mod tests {
-    use crate::models::unet_2d::UNet2DConditionConfig;
-    use crate::models::vae::AutoencoderKLConfig;
+    use crate::sd::models::unet_2d::UNet2DConditionConfig;
+    use crate::sd::models::vae::AutoencoderKLConfig;
     use crate::test_util::{TB, device};
 
     #[test]

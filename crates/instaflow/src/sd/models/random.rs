@@ -8,10 +8,10 @@ use std::path::Path;
 use burn::tensor::backend::Backend;
 use serde_json::{Value, json};
 
-use crate::data::write_atomic;
-use crate::pipeline::init_components;
-use crate::source::ModelSource;
-use crate::train::save_safetensors;
+use crate::sd::pipeline::init_components;
+use crate::sd::source::ModelSource;
+use crate::training::data::write_atomic;
+use crate::training::model::save_safetensors;
 
 /// Names of the presets.
 pub const PRESETS: [&str; 2] = ["sd15", "mini"];
@@ -97,14 +97,15 @@ fn save_zeros(layout: &[(String, Vec<usize>)], path: &Path, half: bool) -> Resul
     let mut header = serde_json::Map::new();
     let mut offset = 0usize;
     for (name, shape) in layout {
-        let name = crate::train::SAVE_REMAPS
-            .iter()
-            .fold(name.clone(), |n, (from, to)| {
-                regex::Regex::new(from)
-                    .expect("valid pattern")
-                    .replace(&n, *to)
-                    .into_owned()
-            });
+        let name =
+            crate::training::model::SAVE_REMAPS
+                .iter()
+                .fold(name.clone(), |n, (from, to)| {
+                    regex::Regex::new(from)
+                        .expect("valid pattern")
+                        .replace(&n, *to)
+                        .into_owned()
+                });
         let bytes = size * shape.iter().product::<usize>();
         header.insert(
             name,
@@ -167,7 +168,7 @@ pub fn save_random_model<B: Backend>(
     let seed = match init {
         Init::Random(seed) => seed,
         Init::Zeros => {
-            use crate::weights::stream::checkpoint_layout;
+            use crate::sd::weights::stream::checkpoint_layout;
             let text = checkpoint_layout(&pipe.text_encoder);
             save_zeros(&text, &dir.join("text_encoder/model.safetensors"), half)?;
             let unet = checkpoint_layout(&pipe.unet);
@@ -211,16 +212,16 @@ pub fn save_random_model<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::lazy_param_count;
-    use crate::pipeline::InstaFlowPipeline;
+    use crate::sd::models::lazy_param_count;
+    use crate::sd::pipeline::InstaFlowPipeline;
     use crate::test_util::{TB, device};
 
     #[test]
     fn sd15_preset_has_sd15_parameter_counts() {
         let (unet, vae, text) = preset_configs("sd15").unwrap();
-        let unet: crate::models::UNet2DConditionConfig = serde_json::from_value(unet).unwrap();
-        let vae: crate::models::AutoencoderKLConfig = serde_json::from_value(vae).unwrap();
-        let text: crate::models::ClipTextConfig = serde_json::from_value(text).unwrap();
+        let unet: crate::sd::models::UNet2DConditionConfig = serde_json::from_value(unet).unwrap();
+        let vae: crate::sd::models::AutoencoderKLConfig = serde_json::from_value(vae).unwrap();
+        let text: crate::sd::models::ClipTextConfig = serde_json::from_value(text).unwrap();
         assert_eq!(
             lazy_param_count(&unet.init::<TB>(&device()).unwrap()),
             859_520_964
@@ -245,8 +246,11 @@ mod tests {
         let pipe = InstaFlowPipeline::<TB>::load(&ModelSource::dir(&dir), &device()).unwrap();
         assert_eq!(pipe.vae_scale, 8);
         let text = pipe.encode_prompts(&["a cat"], &device()).unwrap();
-        let noise =
-            crate::noise::gaussian::<TB, 4>(&mut crate::noise::rng(1), [1, 4, 8, 8], &device());
+        let noise = crate::flow::noise::gaussian::<TB, 4>(
+            &mut crate::flow::noise::rng(1),
+            [1, 4, 8, 8],
+            &device(),
+        );
         let image = pipe.decode(pipe.sample(noise, &text, &text, Default::default()));
         assert_eq!(image.dims(), [1, 3, 64, 64]);
         let v = crate::test_util::to_vec(image);
@@ -271,15 +275,16 @@ mod tests {
             "vae/diffusion_pytorch_model.safetensors",
         ] {
             let layout = |d: &Path| {
-                let h =
-                    crate::weights::stream::read_header_from(&ModelSource::dir(d), file).unwrap();
+                let h = crate::sd::weights::stream::read_header_from(&ModelSource::dir(d), file)
+                    .unwrap();
                 let mut v: Vec<_> = h.into_iter().map(|t| (t.name, t.shape, t.dtype)).collect();
                 v.sort_by(|x, y| x.0.cmp(&y.0));
                 v
             };
             assert_eq!(layout(&a), layout(&b), "{file}");
             // The sparse file is as long as its header says: every tensor's bytes are there.
-            let h = crate::weights::stream::read_header_from(&ModelSource::dir(&b), file).unwrap();
+            let h =
+                crate::sd::weights::stream::read_header_from(&ModelSource::dir(&b), file).unwrap();
             let end = h.iter().map(|t| t.end).max().unwrap();
             assert_eq!(
                 std::fs::metadata(b.join(file)).unwrap().len(),

@@ -25,8 +25,8 @@ use super::layout::{Expected, ParamLister, ParamSetter};
 use super::{
     CLIP_REMAPS, COMPONENTS, WeightFile, WeightsError, canonical, ignorable, list, weight_files,
 };
-use crate::pipeline::{InstaFlowPipeline, LoadError, init_components};
-use crate::source::ModelSource;
+use crate::sd::pipeline::{InstaFlowPipeline, LoadError, init_components};
+use crate::sd::source::ModelSource;
 
 /// Bytes of a safetensors file before its JSON header (the header's length, u64 little-endian).
 pub const PREFIX_BYTES: u64 = 8;
@@ -451,7 +451,7 @@ fn to_f32(bytes: &[u8], dtype: DType) -> Vec<f32> {
         DType::BF16 => safetensors::Dtype::BF16,
         _ => safetensors::Dtype::F32,
     };
-    crate::convert::floats(dtype, bytes).expect("a float dtype")
+    crate::sd::convert::floats(dtype, bytes).expect("a float dtype")
 }
 
 /// Read the header of `rel` from a folder on disk (native use and tests).
@@ -509,7 +509,7 @@ pub fn load_dir_streaming<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::GenerateOptions;
+    use crate::sd::pipeline::GenerateOptions;
     use crate::test_util::{TB, device, parity_folder, to_vec};
 
     fn fixture(name: &str) -> ModelSource {
@@ -518,8 +518,8 @@ mod tests {
 
     fn latents(p: &InstaFlowPipeline<TB>) -> Vec<f32> {
         let (h, w) = p.unet_config.latent_size();
-        let noise = crate::noise::gaussian::<TB, 4>(
-            &mut crate::noise::rng(7),
+        let noise = crate::flow::noise::gaussian::<TB, 4>(
+            &mut crate::flow::noise::rng(7),
             [1, p.unet_config.in_channels, h, w],
             &device(),
         );

@@ -11,7 +11,7 @@ use super::config::{ConfigError, OneOrMany, at_most, positive_sizes, require};
 use super::embeddings::{TimestepEmbedding, timestep_embedding};
 use super::resnet::{ResnetSettings, conv2d, group_norm};
 use super::unet_2d_blocks::{BlockSettings, DownBlock2D, MidBlock2DCrossAttn, UpBlock2D};
-use crate::kernels;
+use crate::sd::kernels;
 
 /// The fields of a diffusers `unet/config.json` this implementation reads (others are ignored).
 #[derive(Debug, Clone, Deserialize)]
