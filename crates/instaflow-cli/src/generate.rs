@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
+use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
 use clap::Args;
-use instaflow::flow::solvers::euler;
-use instaflow::flow::velocity::Guided;
-use instaflow::sd::pipeline::{GenerateOptions, to_rgb8};
+use instaflow::sd::pipeline::{
+    GenerateOptions, Generated, GenerationStage, InitialNoise, StageHook, to_rgb8,
+};
 use safetensors::Dtype;
 
 use crate::backend::{BackendChoice, Precision, Selected, device_memory, resolve, set_precision};
@@ -164,6 +164,34 @@ impl PeakMemory {
     }
 }
 
+/// Reports each stage of a generation as it finishes (and samples the device memory).
+struct Report<'a> {
+    memory: &'a mut PeakMemory,
+    selected: &'a Selected,
+    /// UNet evaluations per step.
+    evals: usize,
+}
+
+impl<B: Backend> StageHook<B> for Report<'_> {
+    async fn settle(&mut self, probe: Tensor<B, 1>) -> Result<(), String> {
+        probe.into_data();
+        Ok(())
+    }
+
+    fn finished(&mut self, stage: GenerationStage, ms: f64) {
+        self.memory.sample(self.selected);
+        match stage {
+            GenerationStage::TextEncoded => crate::note!("text encoded in {ms:.0} ms"),
+            GenerationStage::Step { index, of } => crate::note!(
+                "UNet step {}/{of} ({} evaluation(s)) in {ms:.0} ms",
+                index + 1,
+                self.evals
+            ),
+            GenerationStage::Decoded => crate::note!("decoded in {ms:.0} ms"),
+        }
+    }
+}
+
 fn gb(bytes: u64) -> f64 {
     bytes as f64 / 1e9
 }
@@ -256,53 +284,40 @@ fn generate<B: Backend>(
     let weights_bytes = memory.0.map(|(_, used)| used);
     crate::note!("loaded {model_name} in {:.1} s", load_ms / 1e3);
     let noise = match given_noise {
-        Some((_, values)) => values,
-        None => instaflow::flow::noise::standard_normal(
-            &mut instaflow::flow::noise::rng(args.seed),
-            noise_shape.iter().product(),
-        ),
+        Some((_, values)) => InitialNoise::Values(values),
+        None => InitialNoise::Seed(args.seed),
     };
-
-    let t = Instant::now();
+    let noise_shape = [b, channels, h, w];
+    let z0 = pipe
+        .initial_noise(noise_shape, noise, device)
+        .map_err(anyhow::Error::msg)?;
     if pipe.tokenizer.is_truncated(&args.prompt)? {
         eprintln!("warning: the prompt is longer than CLIP's 75 tokens; the rest is ignored");
     }
-    let prompts = vec![args.prompt.as_str(); b];
-    let negatives = vec![args.negative_prompt.as_str(); b];
-    let (text, negative) = pipe.encode_for_guidance(&prompts, &negatives, args.guidance, device)?;
-    let text_ms = ms(t);
-    memory.sample(selected);
-    crate::note!("text encoded in {text_ms:.0} ms");
-
-    let z0 = Tensor::<B, 4>::from_data(TensorData::new(noise, noise_shape.clone()), device);
     let opts = GenerateOptions {
         steps: args.steps,
         guidance: args.guidance,
     };
-    let ode = Guided::with_guidance(&pipe.unet, &text, &negative, opts.guidance);
-    let mut step_ms = Vec::with_capacity(opts.steps);
-    let mut z = z0;
-    for i in 0..opts.steps {
-        let t = Instant::now();
-        let t0 = i as f64 / opts.steps as f64;
-        z = euler(&ode, z, t0, t0 + 1.0 / opts.steps as f64, 1, false).x;
-        // Reading one value waits for the step to finish, so the timing is honest on GPUs.
-        let _ = z.clone().slice([0..1, 0..1, 0..1, 0..1]).into_data();
-        step_ms.push(ms(t));
-        memory.sample(selected);
-        crate::note!(
-            "UNet step {}/{} ({} evaluation(s)) in {:.0} ms",
-            i + 1,
-            opts.steps,
-            ode.evals_per_call(),
-            step_ms[i]
-        );
-    }
-    let t = Instant::now();
-    let images = to_rgb8(pipe.decode(z.clone()));
-    let decode_ms = ms(t);
-    memory.sample(selected);
-    crate::note!("decoded in {decode_ms:.0} ms");
+    let evals = if opts.guidance == 1.0 { 1 } else { 2 };
+    let mut hook = Report {
+        memory: &mut memory,
+        selected,
+        evals,
+    };
+    let generated = futures_lite::future::block_on(pipe.generate(
+        &args.prompt,
+        &args.negative_prompt,
+        z0,
+        opts,
+        &mut hook,
+    ))
+    .map_err(anyhow::Error::msg)?;
+    let Generated {
+        latents: z,
+        pixels,
+        timings,
+    } = generated;
+    let images = to_rgb8(pixels);
     if let (Some((reserved, used)), Some(weights)) = (memory.0, weights_bytes) {
         crate::note!(
             "device memory ({:?}): weights {:.2} GB, peak in use {:.2} GB, pool reserved {:.2} GB",
@@ -365,7 +380,7 @@ fn generate<B: Backend>(
             "backend": backend, "precision": format!("{:?}", args.precision).to_lowercase(), "steps": opts.steps, "guidance": opts.guidance,
             "seed": if args.noise.is_some() { None } else { Some(args.seed) },
             "width": ww * scale as usize, "height": hh * scale as usize, "batch": b, "outputs": outputs, "latents": latents_out,
-            "timings_ms": { "load": load_ms, "text_encode": text_ms, "unet_steps": step_ms, "decode": decode_ms, "total": total_ms },
+            "timings_ms": { "load": load_ms, "text_encode": timings.encode_ms, "unet_steps": timings.step_ms, "decode": timings.decode_ms, "total": total_ms },
             "device_memory_bytes": memory.0.map(|(reserved, used)| serde_json::json!({
                 "weights": weights_bytes, "peak_in_use": used, "peak_reserved": reserved,
             })),

@@ -7,8 +7,10 @@ use std::collections::BTreeMap;
 use burn::backend::wgpu::{WgpuDevice, WgpuRuntime, graphics, init_setup_async};
 use burn::backend::{Flex, WebGpu};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, FloatDType, IntDType, Tensor, TensorData, set_default_dtypes};
-use instaflow::sd::pipeline::{GenerateOptions, InstaFlowPipeline, to_rgba8_async};
+use burn::tensor::{DType, FloatDType, IntDType, Tensor, set_default_dtypes};
+use instaflow::sd::pipeline::{
+    GenerateOptions, Generated, InitialNoise, InstaFlowPipeline, StageHook, to_rgba8_async,
+};
 use instaflow::sd::source::ModelSource;
 use instaflow::sd::weights::stream::{self, StreamingLoader};
 use js_sys::{Function, Object, Promise, Reflect, Uint8Array};
@@ -517,15 +519,18 @@ struct Request {
     size: [Option<usize>; 2],
 }
 
-/// Wait until the device has computed `t` (WebGPU queues work; only a readback waits for it), so
+/// Waits for each stage of a generation with an awaited read-back (a browser cannot block), so
 /// stage timings mean finished work.
-async fn settle<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Result<(), JsError> {
-    t.clone()
-        .sum()
-        .into_data_async()
-        .await
-        .map(|_| ())
-        .map_err(|e| JsError::new(&format!("device error: {e:?}")))
+struct Settle;
+
+impl<B: Backend> StageHook<B> for Settle {
+    async fn settle(&mut self, probe: Tensor<B, 1>) -> Result<(), String> {
+        probe
+            .into_data_async()
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("device error: {e:?}"))
+    }
 }
 
 async fn run<B: Backend>(
@@ -539,37 +544,23 @@ async fn run<B: Backend>(
         .map_err(|e| JsError::new(&e))?;
     let [_, _, h, w] = shape;
     let noise = match req.noise {
-        Some(values) => {
-            let expected: usize = shape.iter().product();
-            if values.len() != expected {
-                return Err(JsError::new(&format!(
-                    "noise has {} values; this model needs {expected} (shape {shape:?})",
-                    values.len()
-                )));
-            }
-            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                return Err(JsError::new(&format!("noise value {i} is not finite")));
-            }
-            Tensor::from_data(TensorData::new(values, shape), device)
-        }
+        Some(values) => InitialNoise::Values(values),
         // Same generator as the native CLI: the same seed gives the same image.
-        None => instaflow::flow::noise::gaussian::<B, 4>(
-            &mut instaflow::flow::noise::rng(req.seed as u64),
-            shape,
-            device,
-        ),
+        None => InitialNoise::Seed(req.seed as u64),
     };
-    let (text, negative) = pipe
-        .encode_for_guidance(&[req.prompt.as_str()], &[""], req.opts.guidance, device)
-        .map_err(js_error)?;
-    settle(&negative).await?;
-    let encoded = now_ms();
-    let latents = pipe.sample(noise, &text, &negative, req.opts);
-    settle(&latents).await?;
-    let sampled = now_ms();
+    let noise = pipe
+        .initial_noise(shape, noise, device)
+        .map_err(|e| JsError::new(&e))?;
+    let Generated {
+        latents,
+        pixels,
+        timings,
+    } = pipe
+        .generate(&req.prompt, "", noise, req.opts, &mut Settle)
+        .await
+        .map_err(|e| JsError::new(&e))?;
     let latent_values = if req.latents {
         let data = latents
-            .clone()
             .into_data_async()
             .await
             .map_err(|e| JsError::new(&format!("reading latents back: {e:?}")))?;
@@ -581,9 +572,7 @@ async fn run<B: Backend>(
     } else {
         None
     };
-    let mut images = to_rgba8_async(pipe.decode(latents))
-        .await
-        .map_err(|e| JsError::new(&e))?;
+    let mut images = to_rgba8_async(pixels).await.map_err(|e| JsError::new(&e))?;
     let end = now_ms();
     let scale = pipe.vae_scale;
     Ok(GeneratedImage {
@@ -592,9 +581,9 @@ async fn run<B: Backend>(
         rgba: images.remove(0),
         latents: latent_values,
         backend: String::new(),
-        encode_ms: encoded - start,
-        unet_ms: sampled - encoded,
-        decode_ms: end - sampled,
+        encode_ms: timings.encode_ms,
+        unet_ms: timings.unet_ms(),
+        decode_ms: timings.decode_ms,
         total_ms: end - start,
     })
 }

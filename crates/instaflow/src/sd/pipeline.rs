@@ -7,9 +7,13 @@
 //! image = clamp(VAE.decode(z / scaling_factor)/2 + 0.5, 0, 1)   (pixel-space models: z itself)
 //! ```
 //! The loop is the crate's Euler solver on the UNet viewed as a [`VelocityField`].
+//! [`InstaFlowPipeline::generate`] runs it stage by stage for the CLI and the browser alike.
+
+use std::future::Future;
 
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 use serde::de::DeserializeOwned;
+use web_time::Instant;
 
 use crate::flow::solvers::{Solution, Solver, euler};
 use crate::flow::unet_timesteps;
@@ -282,6 +286,86 @@ impl Default for GenerateOptions {
     }
 }
 
+/// The initial latents of a generation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InitialNoise {
+    /// Drawn from this seed with the crate's generator (the same image on every backend).
+    Seed(u64),
+    /// Given values, the latent shape flattened (e.g. read from a file).
+    Values(Vec<f32>),
+}
+
+/// A stage of [`InstaFlowPipeline::generate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GenerationStage {
+    /// The prompts are encoded.
+    TextEncoded,
+    /// Euler step `index` (from 0) of `of` is done.
+    Step {
+        /// This step.
+        index: usize,
+        /// Steps in all.
+        of: usize,
+    },
+    /// The latents are decoded to pixels.
+    Decoded,
+}
+
+/// What the caller of [`InstaFlowPipeline::generate`] does between stages.
+pub trait StageHook<B: Backend> {
+    /// Return once the device has computed `probe` (one value of the stage's output): devices
+    /// queue work, so only a read-back makes the stage's time mean finished work. Natively this is
+    /// a blocking read; in a browser an awaited one.
+    fn settle(&mut self, probe: Tensor<B, 1>) -> impl Future<Output = Result<(), String>>;
+
+    /// Told when a stage is done and how long it took (progress messages, memory samples).
+    fn finished(&mut self, _stage: GenerationStage, _ms: f64) {}
+}
+
+/// A blocking [`StageHook`] for native callers that only need the timings.
+pub struct Blocking;
+
+impl<B: Backend> StageHook<B> for Blocking {
+    async fn settle(&mut self, probe: Tensor<B, 1>) -> Result<(), String> {
+        probe.into_data();
+        Ok(())
+    }
+}
+
+/// Milliseconds per stage of one generation, each measured after the device finished it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Timings {
+    /// Text encoding.
+    pub encode_ms: f64,
+    /// Each Euler step (one or two UNet evaluations).
+    pub step_ms: Vec<f64>,
+    /// VAE decoding (or rescaling in pixel space).
+    pub decode_ms: f64,
+}
+
+impl Timings {
+    /// All UNet steps together.
+    pub fn unet_ms(&self) -> f64 {
+        self.step_ms.iter().sum()
+    }
+}
+
+/// What [`InstaFlowPipeline::generate`] made.
+#[derive(Debug)]
+pub struct Generated<B: Backend> {
+    /// The final latents `[B, C, h, w]`.
+    pub latents: Tensor<B, 4>,
+    /// RGB pixels in [0, 1], `[B, 3, H, W]`.
+    pub pixels: Tensor<B, 4>,
+    /// Stage timings.
+    pub timings: Timings,
+}
+
+/// The first value of `t`, as a one-element tensor: reading it back waits for `t`.
+fn probe<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Tensor<B, 1> {
+    t.clone().flatten::<1>(0, D - 1).slice(0..1)
+}
+
 /// What one generation needs in memory, estimated from the configs before anything is allocated.
 /// The activations are a lower bound — the largest tensors alive at once (the UNet's skip
 /// connections and widest level, the VAE decoder's full-resolution layers) — so a request refused
@@ -466,6 +550,90 @@ impl<B: Backend> InstaFlowPipeline<B> {
         Ok((text, negative))
     }
 
+    /// The initial latents of `shape` `[B, C, h, w]` on `device`: drawn from a seed, or given
+    /// values checked for count and finiteness.
+    pub fn initial_noise(
+        &self,
+        shape: [usize; 4],
+        noise: InitialNoise,
+        device: &B::Device,
+    ) -> Result<Tensor<B, 4>, String> {
+        let values = match noise {
+            InitialNoise::Seed(seed) => crate::flow::noise::standard_normal(
+                &mut crate::flow::noise::rng(seed),
+                shape.iter().product(),
+            ),
+            InitialNoise::Values(values) => {
+                let expected: usize = shape.iter().product();
+                if values.len() != expected {
+                    return Err(format!(
+                        "the noise has {} values; this model needs {expected} (shape {shape:?})",
+                        values.len()
+                    ));
+                }
+                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                    return Err(format!("noise value {i} is not finite"));
+                }
+                values
+            }
+        };
+        Ok(Tensor::from_data(TensorData::new(values, shape), device))
+    }
+
+    /// One generation, stage by stage: encode `prompt` (and `negative_prompt` when α ≠ 1) for
+    /// every row of `noise`, take `opts.steps` Euler steps of the guided velocity from `noise`
+    /// (t = 0) to t = 1, decode. `hook` waits for each stage (timed) and hears when it is done.
+    pub async fn generate<H: StageHook<B>>(
+        &self,
+        prompt: &str,
+        negative_prompt: &str,
+        noise: Tensor<B, 4>,
+        opts: GenerateOptions,
+        hook: &mut H,
+    ) -> Result<Generated<B>, String> {
+        let device = noise.device();
+        let b = noise.dims()[0];
+        let mut timings = Timings::default();
+        let start = Instant::now();
+        let (text, negative) = self
+            .encode_for_guidance(
+                &vec![prompt; b],
+                &vec![negative_prompt; b],
+                opts.guidance,
+                &device,
+            )
+            .map_err(|e| e.to_string())?;
+        hook.settle(probe(&negative)).await?;
+        timings.encode_ms = ms(start);
+        hook.finished(GenerationStage::TextEncoded, timings.encode_ms);
+
+        let ode = Guided::with_guidance(&self.unet, &text, &negative, opts.guidance);
+        let n = opts.steps;
+        let mut z = noise;
+        for i in 0..n {
+            let start = Instant::now();
+            let t0 = i as f64 / n as f64;
+            z = euler(&ode, z, t0, t0 + 1.0 / n as f64, 1, false).x;
+            hook.settle(probe(&z)).await?;
+            timings.step_ms.push(ms(start));
+            hook.finished(
+                GenerationStage::Step { index: i, of: n },
+                timings.step_ms[i],
+            );
+        }
+
+        let start = Instant::now();
+        let pixels = self.decode(z.clone());
+        hook.settle(probe(&pixels)).await?;
+        timings.decode_ms = ms(start);
+        hook.finished(GenerationStage::Decoded, timings.decode_ms);
+        Ok(Generated {
+            latents: z,
+            pixels,
+            timings,
+        })
+    }
+
     /// Run the sampling loop from `noise` `[B, 4, h, w]`; returns the final latents.
     pub fn sample(
         &self,
@@ -522,6 +690,10 @@ fn quantize(hwc: &[f32], images: usize, pixels_per_image: usize, alpha: bool) ->
             }
         })
         .collect()
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
 }
 
 /// Pixels `[B, 3, H, W]` in [0, 1] → one interleaved 8-bit RGB buffer per image.
@@ -634,6 +806,82 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("needs its vae/ folder"), "{err}");
+    }
+
+    /// Records what `generate` tells its hook.
+    #[derive(Default)]
+    struct Record {
+        settled: usize,
+        stages: Vec<GenerationStage>,
+    }
+
+    impl<B: Backend> StageHook<B> for Record {
+        async fn settle(&mut self, probe: Tensor<B, 1>) -> Result<(), String> {
+            assert_eq!(probe.dims(), [1]);
+            probe.into_data();
+            self.settled += 1;
+            Ok(())
+        }
+
+        fn finished(&mut self, stage: GenerationStage, ms: f64) {
+            assert!(ms >= 0.0);
+            self.stages.push(stage);
+        }
+    }
+
+    #[test]
+    fn generate_runs_the_sampling_loop_stage_by_stage() {
+        let source = crate::test_util::parity_folder("conv-f32", "generate");
+        let pipe = InstaFlowPipeline::<TB>::load(&source, &device()).unwrap();
+        let shape = pipe.latent_shape(2, None, None).unwrap();
+        let opts = GenerateOptions {
+            steps: 3,
+            guidance: 1.5,
+        };
+        let noise = pipe
+            .initial_noise(shape, InitialNoise::Seed(7), &device())
+            .unwrap();
+        let mut hook = Record::default();
+        let out = futures_lite::future::block_on(pipe.generate(
+            "a red heart",
+            "",
+            noise.clone(),
+            opts,
+            &mut hook,
+        ))
+        .unwrap();
+        let steps = (0..3).map(|index| GenerationStage::Step { index, of: 3 });
+        let expected: Vec<_> = std::iter::once(GenerationStage::TextEncoded)
+            .chain(steps)
+            .chain([GenerationStage::Decoded])
+            .collect();
+        assert_eq!(hook.stages, expected);
+        assert_eq!((hook.settled, out.timings.step_ms.len()), (5, 3));
+
+        // The same as the one-call loop and decoder.
+        let (text, neg) = pipe
+            .encode_for_guidance(&["a red heart"; 2], &[""; 2], 1.5, &device())
+            .unwrap();
+        let latents = pipe.sample(noise, &text, &neg, opts);
+        let diff = |a: Tensor<TB, 4>, b: Tensor<TB, 4>| {
+            let d: f32 = (a - b).abs().max().into_scalar();
+            d
+        };
+        assert!(diff(out.latents.clone(), latents.clone()) <= 1e-5);
+        assert!(diff(out.pixels, pipe.decode(latents)) <= 1e-5);
+
+        // Given noise is checked.
+        let n: usize = shape.iter().product();
+        let short = pipe.initial_noise(shape, InitialNoise::Values(vec![0.0; n - 1]), &device());
+        assert!(
+            short
+                .unwrap_err()
+                .contains(&format!("this model needs {n}"))
+        );
+        let mut nan = vec![0.0; n];
+        nan[5] = f32::NAN;
+        let nan = pipe.initial_noise(shape, InitialNoise::Values(nan), &device());
+        assert_eq!(nan.unwrap_err(), "noise value 5 is not finite");
     }
 
     #[test]
