@@ -332,6 +332,17 @@ test("without WebGPU an SD-1.5-size model is refused before any weight byte is f
     // Configs, tokenizer and headers only (the tokenizer's vocabulary is most of it).
     assert.ok(served < 2e6, `${served} bytes served before refusing a model of ${weights} weight bytes`);
     console.log(`refused SD-1.5 size on CPU after ${served} bytes: ${r.error}`);
+    // A size whose activations cannot fit in wasm memory is refused before allocating; the model
+    // stays usable.
+    const big = await page.evaluate(async ({ prompt, SMALL }) => {
+      const model = await window.instaflow.InstaFlow.load("/mini/", { ...SMALL, backend: "cpu" });
+      const error = await model.generate({ prompt, width: 4096, height: 4096 }).then(() => "generated", (e) => e.message);
+      const after = await model.generate({ prompt }).then((img) => `${img.width}×${img.height}`, (e) => e.message);
+      model.free();
+      return { error, after };
+    }, { prompt: PROMPT, SMALL });
+    assert.match(big.error, /a 4096×4096 image needs at least \d+ MB of wasm memory .* the CPU \(wasm\) backend has 4 GB at most/);
+    assert.equal(big.after, "64×64");
     await page.close();
   } finally {
     await cpu.close();

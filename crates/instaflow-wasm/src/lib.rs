@@ -281,6 +281,32 @@ fn gpu_precision(device: &WgpuDevice) -> String {
 /// most, and the largest single allocation must fit beside everything else).
 const MAX_CPU_WEIGHT_BYTES: u64 = 3 << 30;
 
+/// wasm32 memory: 65,536 pages of 64 KiB.
+const WASM_MEMORY_BYTES: u64 = 4 << 30;
+
+/// Refuse a CPU (wasm) generation of `shape` whose weights, activations and noise cannot fit in
+/// wasm memory, before anything is allocated: a failed allocation would trap and take the whole
+/// module down.
+fn check_wasm_memory(pipe: &InstaFlowPipeline<Flex>, shape: [usize; 4]) -> Result<(), JsError> {
+    let estimate = pipe.memory_estimate(shape, 4);
+    let need = estimate.device().saturating_add(estimate.noise);
+    if need <= WASM_MEMORY_BYTES {
+        return Ok(());
+    }
+    let [_, _, h, w] = shape;
+    let mb = |b: u64| b as f64 / 1e6;
+    Err(JsError::new(&format!(
+        "a {}×{} image needs at least {:.0} MB of wasm memory ({:.0} MB weights, {:.0} MB \
+         activations); the CPU (wasm) backend has 4 GB at most. Choose a smaller width and height, \
+         or use WebGPU",
+        w * pipe.vae_scale,
+        h * pipe.vae_scale,
+        mb(need),
+        mb(estimate.weights),
+        mb(estimate.activations)
+    )))
+}
+
 enum Loading {
     Gpu(Box<StreamingLoader<WebGpu>>, WgpuDevice),
     Cpu(Box<StreamingLoader<Flex>>),
@@ -502,7 +528,13 @@ impl InstaFlow {
         };
         let mut image = match &self.engine {
             Engine::Gpu(pipe, device) => run(pipe, device, request).await?,
-            Engine::Cpu(pipe) => run(pipe, &Default::default(), request).await?,
+            Engine::Cpu(pipe) => {
+                let shape = pipe
+                    .latent_shape(1, request.size[0], request.size[1])
+                    .map_err(|e| JsError::new(&e))?;
+                check_wasm_memory(pipe, shape)?;
+                run(pipe, &Default::default(), request).await?
+            }
         };
         image.backend = self.backend();
         Ok(image)

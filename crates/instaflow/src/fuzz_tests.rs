@@ -1,7 +1,8 @@
 //! Mutation tests of every reader of files a user hands us: safetensors weights, config.json,
 //! tokenizer files, noise files, reflow pair folders and data sets. Each target takes 10,000 inputs made by
 //! mutating a valid one (bytes set, flipped, inserted, deleted, truncated; numbers swapped for
-//! extreme ones) and must return `Ok` or `Err` — never panic, never hang. proptest keeps any
+//! extreme ones) and must return `Ok` or `Err` — never panic, never hang, never hold more than
+//! [`ALLOCATION_BOUND`] bytes at once. proptest keeps any
 //! failing input in `proptest-regressions/` next to this file, replayed first on every run.
 
 use std::path::Path;
@@ -14,6 +15,36 @@ use crate::test_util::{TB, device, repo_path};
 
 /// Inputs per target.
 const CASES: u32 = 10_000;
+
+/// Most bytes one input may make a reader hold allocated at once (counted on the reading
+/// thread). The valid seeds need at most a few MB (the largest, a 0.8 MB UNet checkpoint, loads
+/// into its model); a reader that trusted a size written in a file would need far more.
+const ALLOCATION_BOUND: usize = 64 << 20;
+
+thread_local! {
+    /// The most one input of this thread's target has allocated at once.
+    static MOST_ALLOCATED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Say how close this thread's target came to the bound (`cargo test -- --nocapture`).
+fn report(target: &str) {
+    let most = MOST_ALLOCATED.with(std::cell::Cell::get);
+    eprintln!(
+        "{target}: at most {} KiB allocated at once for one input",
+        most >> 10
+    );
+}
+
+/// Run one input's checks, failing it when they allocated more than [`ALLOCATION_BOUND`].
+fn bounded(case: impl FnOnce() -> Result<(), TestCaseError>) -> Result<(), TestCaseError> {
+    let (result, peak) = crate::test_util::peak_allocation(case);
+    MOST_ALLOCATED.with(|m| m.set(m.get().max(peak)));
+    prop_assert!(
+        peak <= ALLOCATION_BOUND,
+        "{peak} bytes allocated at once for one input (bound {ALLOCATION_BOUND})"
+    );
+    result
+}
 
 /// Values that break careless readers when they replace a number or a token.
 const EXTREMES: [&str; 10] = [
@@ -93,21 +124,25 @@ fn safetensors_weights() {
     // Mutations near the header are the interesting ones; the data are plain floats.
     let header = 8 + u64::from_le_bytes(seed[..8].try_into().unwrap()) as usize;
     proptest!(config(), |(edits in edits(), deep in any::<bool>())| {
-        let edits: Vec<_> = edits
-            .into_iter()
-            .map(|(k, at, b)| (k, if deep { at } else { at % header }, b))
-            .collect();
-        let bytes = mutate(&seed, &edits);
-        let source = ModelSource::Memory {
-            name: "fuzz".into(),
-            files: [(file.to_string(), bytes)].into(),
-        };
-        if crate::sd::weights::stream::read_header_from(&source, file).is_ok() {
-            let mut unet = unet_cfg.init::<TB>(&device()).unwrap();
-            let files = [crate::sd::weights::WeightFile(file.into())];
-            let _ = crate::sd::weights::load(&mut unet, &source, &files, &[], &device());
-        }
+        bounded(|| -> Result<(), TestCaseError> {
+            let edits: Vec<_> = edits
+                .into_iter()
+                .map(|(k, at, b)| (k, if deep { at } else { at % header }, b))
+                .collect();
+            let bytes = mutate(&seed, &edits);
+            let source = ModelSource::Memory {
+                name: "fuzz".into(),
+                files: [(file.to_string(), bytes)].into(),
+            };
+            if crate::sd::weights::stream::read_header_from(&source, file).is_ok() {
+                let mut unet = unet_cfg.init::<TB>(&device()).unwrap();
+                let files = [crate::sd::weights::WeightFile(file.into())];
+                let _ = crate::sd::weights::load(&mut unet, &source, &files, &[], &device());
+            }
+            Ok(())
+        })?;
     });
+    report("safetensors_weights");
 }
 
 #[test]
@@ -115,15 +150,19 @@ fn unet_config_json() {
     let seed = std::fs::read(repo_path("tests/fixtures/parity/conv-f32/unet/config.json")).unwrap();
     let (runs, parsed) = (std::cell::Cell::new(0u32), std::cell::Cell::new(0u32));
     proptest!(config(), |(edits in edits())| {
-        runs.set(runs.get() + 1);
-        let bytes = mutate(&seed, &edits);
-        if let Ok(cfg) = serde_json::from_slice::<UNet2DConditionConfig>(&bytes) {
-            parsed.set(parsed.get() + 1);
-            // Building is lazy: no weight is allocated, whatever the sizes say.
-            let _ = cfg.init::<TB>(&device());
-            let _ = cfg.latent_size();
-        }
+        bounded(|| -> Result<(), TestCaseError> {
+            runs.set(runs.get() + 1);
+            let bytes = mutate(&seed, &edits);
+            if let Ok(cfg) = serde_json::from_slice::<UNet2DConditionConfig>(&bytes) {
+                parsed.set(parsed.get() + 1);
+                // Building is lazy: no weight is allocated, whatever the sizes say.
+                let _ = cfg.init::<TB>(&device());
+                let _ = cfg.latent_size();
+            }
+            Ok(())
+        })?;
     });
+    report("unet_config_json");
     // Every input ran, and mutations kept enough configs valid to reach the model builder.
     assert_eq!(runs.get(), CASES);
     assert!(parsed.get() > CASES / 20, "{} parsed", parsed.get());
@@ -145,18 +184,22 @@ fn tokenizer_files() {
     .unwrap();
     let merges = b"#version: 0.2\nr e\nre d</w>\n".to_vec();
     proptest!(config(), |(edits in edits(), which in any::<bool>())| {
-        let (v, m) = if which {
-            (mutate(&vocab_json, &edits), merges.clone())
-        } else {
-            (vocab_json.clone(), mutate(&merges, &edits))
-        };
-        let (Ok(v), Ok(m)) = (String::from_utf8(v), String::from_utf8(m)) else {
-            return Ok(());
-        };
-        if let Ok(tok) = crate::sd::tokenizer::ClipTokenizer::from_vocab_merges(&v, &m, None) {
-            let _ = tok.encode("red heart");
-        }
+        bounded(|| -> Result<(), TestCaseError> {
+            let (v, m) = if which {
+                (mutate(&vocab_json, &edits), merges.clone())
+            } else {
+                (vocab_json.clone(), mutate(&merges, &edits))
+            };
+            let (Ok(v), Ok(m)) = (String::from_utf8(v), String::from_utf8(m)) else {
+                return Ok(());
+            };
+            if let Ok(tok) = crate::sd::tokenizer::ClipTokenizer::from_vocab_merges(&v, &m, None) {
+                let _ = tok.encode("red heart");
+            }
+            Ok(())
+        })?;
     });
+    report("tokenizer_files");
 }
 
 #[test]
@@ -170,11 +213,15 @@ fn noise_files() {
     let seed = safetensors::serialize([("noise", view)], None).unwrap();
     assert!(crate::flow::noise::from_safetensors(&seed, 4).is_ok());
     proptest!(config(), |(edits in edits())| {
-        if let Ok((shape, values)) = crate::flow::noise::from_safetensors(&mutate(&seed, &edits), 4) {
-            prop_assert_eq!(shape.iter().product::<usize>(), values.len());
-            prop_assert!(values.iter().all(|v| v.is_finite()));
-        }
+        bounded(|| -> Result<(), TestCaseError> {
+            if let Ok((shape, values)) = crate::flow::noise::from_safetensors(&mutate(&seed, &edits), 4) {
+                prop_assert_eq!(shape.iter().product::<usize>(), values.len());
+                prop_assert!(values.iter().all(|v| v.is_finite()));
+            }
+            Ok(())
+        })?;
     });
+    report("noise_files");
 }
 
 #[test]
@@ -198,16 +245,20 @@ fn reflow_pair_folders() {
     let chunk_seed = std::fs::read(&chunk).unwrap();
     assert!(crate::training::reflow::PairSet::load(&dir).is_ok());
     proptest!(config(), |(edits in edits(), which in any::<bool>())| {
-        if which {
-            write(&dir, &[("pairs.json", &mutate(&plan_seed, &edits))]);
-            std::fs::write(&chunk, &chunk_seed).unwrap();
-        } else {
-            write(&dir, &[("pairs.json", &plan_seed)]);
-            std::fs::write(&chunk, mutate(&chunk_seed, &edits)).unwrap();
-        }
-        let _ = crate::training::reflow::census(&dir);
-        let _ = crate::training::reflow::PairSet::load(&dir);
+        bounded(|| -> Result<(), TestCaseError> {
+            if which {
+                write(&dir, &[("pairs.json", &mutate(&plan_seed, &edits))]);
+                std::fs::write(&chunk, &chunk_seed).unwrap();
+            } else {
+                write(&dir, &[("pairs.json", &plan_seed)]);
+                std::fs::write(&chunk, mutate(&chunk_seed, &edits)).unwrap();
+            }
+            let _ = crate::training::reflow::census(&dir);
+            let _ = crate::training::reflow::PairSet::load(&dir);
+            Ok(())
+        })?;
     });
+    report("reflow_pair_folders");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -238,19 +289,37 @@ fn image_text_data_sets() {
     let manifest = std::fs::read(dir.join("dataset.json")).unwrap();
     let images = std::fs::read(dir.join("images.safetensors")).unwrap();
     proptest!(config(), |(edits in edits(), which in any::<bool>())| {
-        let (m, i) = if which {
-            (mutate(&manifest, &edits), images.clone())
-        } else {
-            (manifest.clone(), mutate(&images, &edits))
-        };
-        write(&dir, &[("dataset.json", &m), ("images.safetensors", &i)]);
-        if let Ok(d) = crate::training::data::ImageTextDataset::load(&dir) {
-            // A loaded set must be usable: every item's pixels and captions reachable.
-            let _ = d.all_captions();
-            if !d.is_empty() {
-                let _ = d.pixels::<TB>(&[d.len() - 1], &device());
+        bounded(|| -> Result<(), TestCaseError> {
+            let (m, i) = if which {
+                (mutate(&manifest, &edits), images.clone())
+            } else {
+                (manifest.clone(), mutate(&images, &edits))
+            };
+            write(&dir, &[("dataset.json", &m), ("images.safetensors", &i)]);
+            if let Ok(d) = crate::training::data::ImageTextDataset::load(&dir) {
+                // A loaded set must be usable: every item's pixels and captions reachable.
+                let _ = d.all_captions();
+                if !d.is_empty() {
+                    let _ = d.pixels::<TB>(&[d.len() - 1], &device());
+                }
             }
-        }
+            Ok(())
+        })?;
     });
+    report("image_text_data_sets");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_allocation_count_sees_a_large_allocation() {
+    let (v, peak) = crate::test_util::peak_allocation(|| vec![1u8; 80 << 20]);
+    assert!(peak >= 80 << 20, "{peak}");
+    drop(v);
+    let ((), small) = crate::test_util::peak_allocation(|| drop(vec![1u8; 1 << 10]));
+    assert!(small < 64 << 10, "{small}");
+    let failed = bounded(|| {
+        drop(vec![1u8; 80 << 20]);
+        Ok(())
+    });
+    assert!(failed.is_err());
 }

@@ -73,3 +73,65 @@ fn max_abs_diff_does_not_hide_nan() {
     assert!(max_abs_diff(&[f32::NAN, 2.0], &[1.0, 2.0]).is_nan());
     assert!(max_abs_diff(&[1.0, f32::NAN], &[1.0, f32::NAN]).is_nan());
 }
+
+/// Counts, per thread, the bytes allocated and not yet freed, and their peak: the fuzz tests
+/// assert with it that no input makes a reader allocate beyond a bound. Test builds only.
+struct CountingAllocator;
+
+thread_local! {
+    static LIVE: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
+    static PEAK: std::cell::Cell<isize> = const { std::cell::Cell::new(0) };
+}
+
+fn note_allocation(delta: isize) {
+    // `try_with`: no panic while a thread's locals are torn down.
+    let _ = LIVE.try_with(|live| {
+        let now = live.get() + delta;
+        live.set(now);
+        let _ = PEAK.try_with(|peak| peak.set(peak.get().max(now)));
+    });
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only sizes are counted.
+unsafe impl std::alloc::GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let p = unsafe { std::alloc::System.alloc(layout) };
+        if !p.is_null() {
+            note_allocation(layout.size() as isize);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let p = unsafe { std::alloc::System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            note_allocation(layout.size() as isize);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        unsafe { std::alloc::System.dealloc(ptr, layout) };
+        note_allocation(-(layout.size() as isize));
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, size: usize) -> *mut u8 {
+        let p = unsafe { std::alloc::System.realloc(ptr, layout, size) };
+        if !p.is_null() {
+            note_allocation(size as isize - layout.size() as isize);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+/// Run `f`; returns its result and the most bytes it held allocated at once on this thread.
+pub fn peak_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    let base = LIVE.with(std::cell::Cell::get);
+    PEAK.with(|p| p.set(base));
+    let out = f();
+    let peak = PEAK.with(std::cell::Cell::get) - base;
+    (out, peak.max(0) as usize)
+}
