@@ -76,7 +76,11 @@ class UrlFiles {
       throw new Error(`${url}: HTTP ${response.status} ${response.statusText}`.trim());
     }
     const range = response.headers.get("Content-Range")?.match(/\/(\d+)$/);
-    const size = range ? Number(range[1]) : Number(response.headers.get("Content-Length")) || null;
+    // A compressed response's Content-Length is the compressed size, not the file's: then the
+    // size is unknown until read (ranges are served plain, and whole bodies arrive decoded).
+    const encoding = response.headers.get("Content-Encoding");
+    const compressed = encoding !== null && encoding !== "identity";
+    const size = range ? Number(range[1]) : compressed ? null : Number(response.headers.get("Content-Length")) || null;
     const etag = response.headers.get("X-Linked-Etag") ?? response.headers.get("ETag");
     const version = etag ?? `${size}-${response.headers.get("Last-Modified") ?? ""}`;
     // Range support is assumed until a Range request is answered with the whole file.

@@ -269,7 +269,7 @@ test("generate calls are serialized and can be cancelled; a crashed worker is re
   await page.close();
 });
 
-test("hf: ids read the Hugging Face Hub layout; a server that ignores Range still works", async () => {
+test("hf: ids read the Hugging Face Hub layout; a server that ignores Range or compresses still works", async () => {
   const page = await openPage();
   const hub = await loadAndGenerate(page, "hf:org/mini", { ...SMALL, cache: false, hfEndpoint: server.url });
   assert.equal(hub.error, undefined, hub.error);
@@ -302,6 +302,19 @@ test("hf: ids read the Hugging Face Hub layout; a server that ignores Range stil
     await p.close();
   } finally {
     noRange.close();
+  }
+
+  // A server that compresses whole files (HEAD's Content-Length is then the compressed size, not
+  // the file's) and serves ranges plain: the same latents.
+  const gz = await serve([`/=${PAGE}`, `/instaflow=${path.join(ROOT, "web")}`, `/mini=${MINI}`], ["--gzip"]);
+  try {
+    const p = await openPage(gpu, gz.url);
+    const r = await loadAndGenerate(p, "/mini/", { ...SMALL, cache: false });
+    assert.equal(r.error, undefined, r.error);
+    assert.ok(maxDiff(r.latents, native) <= 1e-3);
+    await p.close();
+  } finally {
+    gz.close();
   }
 });
 
