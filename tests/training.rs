@@ -343,6 +343,66 @@ fn a_checkpoint_that_cannot_be_written_leaves_the_previous_one() {
     assert!(err.contains("previous checkpoint is kept"), "{err}");
 }
 
+/// Run `cmd` under `ulimit -f 16` (8 or 16 KB, as the shell counts blocks): every larger file it
+/// writes fails midway, as on a full disk.
+fn with_small_disk(cmd: Command) -> Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -f 16 && exec \"$0\" \"$@\"")
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn writes_that_fail_midway_keep_the_last_checkpoint_and_pair_chunks() {
+    let dir = temp_dir("small-disk");
+    let run = dir.join("run");
+    ok(train(&run, &["--steps", "3"]));
+    let good = std::fs::read(run.join("checkpoint/state.json")).unwrap();
+    let out = with_small_disk(train_command(&run, &["--resume", "--steps", "6"]));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    fails(out, "writing the step-6 checkpoint failed");
+    assert!(err.contains("the previous checkpoint is kept"), "{err}");
+    assert_eq!(
+        std::fs::read(run.join("checkpoint/state.json")).unwrap(),
+        good
+    );
+    assert!(!run.join("checkpoint.tmp").exists());
+    ok(train(&run, &["--resume", "--steps", "6"]));
+
+    // Reflow pairs: 64 pairs of 8×8 noise and images per chunk (32 KB).
+    let pairs = dir.join("pairs");
+    let reflow = || {
+        let mut c = instaflow();
+        c.args([
+            "reflow", "--pairs", "128", "--chunk", "64", "--solver", "euler:1",
+        ])
+        .arg("--model")
+        .arg(run.join("model"))
+        .arg("--data")
+        .arg(data())
+        .arg("--out")
+        .arg(&pairs);
+        c
+    };
+    let out = with_small_disk(reflow());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    fails(out, "chunk-00000");
+    let shard = pairs.join("shard-0-of-1");
+    let left: Vec<_> = std::fs::read_dir(&shard)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?} left after: {err}");
+    let out = ok(reflow().output().unwrap());
+    assert!(
+        out.contains("folder holds 128/128 pairs (0 missing"),
+        "{out}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn a_nan_in_the_pairs_stops_the_run_or_is_skipped_with_on_nan_skip() {
     let dir = temp_dir("nan-pairs");

@@ -173,7 +173,19 @@ fn quiet_headless_wayland() {
     }
 }
 
+/// A file-size limit (`ulimit -f`) kills a process that writes past it with SIGXFSZ; ignored,
+/// the write fails with an error instead, handled like a full disk (the last checkpoint or pair
+/// chunk is kept, and the message says so).
+fn write_errors_instead_of_sigxfsz() {
+    #[cfg(unix)]
+    // SAFETY: installs the "ignore" disposition for one signal before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
 fn main() -> ExitCode {
+    write_errors_instead_of_sigxfsz();
     keep_freed_memory();
     quiet_headless_wayland();
     memory::exit_on_device_failure();
