@@ -259,6 +259,27 @@ mod tests {
     }
 
     #[test]
+    fn a_folder_with_only_tokenizer_json_gives_the_same_ids() {
+        let tok = ClipTokenizer::from_dir(&repo("assets/clip-tokenizer")).unwrap();
+        let json = tok.inner.to_string(false).unwrap();
+        let source = ModelSource::Memory {
+            name: "json-only".into(),
+            files: [("tokenizer/tokenizer.json".to_string(), json.into_bytes())].into(),
+        };
+        let from_json = ClipTokenizer::from_source(&source, "tokenizer").unwrap();
+        for prompt in [
+            "a red heart",
+            "A photo of an astronaut riding a horse!!",
+            "",
+        ] {
+            assert_eq!(
+                from_json.encode(prompt).unwrap(),
+                tok.encode(prompt).unwrap()
+            );
+        }
+    }
+
+    #[test]
     fn missing_folder_is_a_clear_error() {
         let err = ClipTokenizer::from_dir(Path::new("/nonexistent/tokenizer")).unwrap_err();
         assert!(
