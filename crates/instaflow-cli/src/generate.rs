@@ -168,8 +168,6 @@ impl PeakMemory {
 struct Report<'a> {
     memory: &'a mut PeakMemory,
     selected: &'a Selected,
-    /// UNet evaluations per step.
-    evals: usize,
 }
 
 impl<B: Backend> StageHook<B> for Report<'_> {
@@ -182,10 +180,9 @@ impl<B: Backend> StageHook<B> for Report<'_> {
         self.memory.sample(self.selected);
         match stage {
             GenerationStage::TextEncoded => crate::note!("text encoded in {ms:.0} ms"),
-            GenerationStage::Step { index, of } => crate::note!(
-                "UNet step {}/{of} ({} evaluation(s)) in {ms:.0} ms",
-                index + 1,
-                self.evals
+            GenerationStage::Step { index, of, evals } => crate::note!(
+                "UNet step {}/{of} ({evals} evaluation(s)) in {ms:.0} ms",
+                index + 1
             ),
             GenerationStage::Decoded => crate::note!("decoded in {ms:.0} ms"),
         }
@@ -298,11 +295,9 @@ fn generate<B: Backend>(
         steps: args.steps,
         guidance: args.guidance,
     };
-    let evals = if opts.guidance == 1.0 { 1 } else { 2 };
     let mut hook = Report {
         memory: &mut memory,
         selected,
-        evals,
     };
     let generated = futures_lite::future::block_on(pipe.generate(
         &args.prompt,

@@ -287,7 +287,10 @@ const WASM_MEMORY_BYTES: u64 = 4 << 30;
 /// Refuse a CPU (wasm) generation of `shape` whose weights, activations and noise cannot fit in
 /// wasm memory, before anything is allocated: a failed allocation would trap and take the whole
 /// module down.
-fn check_wasm_memory(pipe: &InstaFlowPipeline<Flex>, shape: [usize; 4]) -> Result<(), JsError> {
+fn check_wasm_memory<B: Backend>(
+    pipe: &InstaFlowPipeline<B>,
+    shape: [usize; 4],
+) -> Result<(), JsError> {
     let estimate = pipe.memory_estimate(shape, 4);
     let need = estimate.device().saturating_add(estimate.noise);
     if need <= WASM_MEMORY_BYTES {
@@ -527,14 +530,8 @@ impl InstaFlow {
             size: [width, height].map(|v| (v > 0).then_some(v as usize)),
         };
         let mut image = match &self.engine {
-            Engine::Gpu(pipe, device) => run(pipe, device, request).await?,
-            Engine::Cpu(pipe) => {
-                let shape = pipe
-                    .latent_shape(1, request.size[0], request.size[1])
-                    .map_err(|e| JsError::new(&e))?;
-                check_wasm_memory(pipe, shape)?;
-                run(pipe, &Default::default(), request).await?
-            }
+            Engine::Gpu(pipe, device) => run(pipe, device, request, false).await?,
+            Engine::Cpu(pipe) => run(pipe, &Default::default(), request, true).await?,
         };
         image.backend = self.backend();
         Ok(image)
@@ -569,11 +566,15 @@ async fn run<B: Backend>(
     pipe: &InstaFlowPipeline<B>,
     device: &B::Device,
     req: Request,
+    in_wasm_memory: bool,
 ) -> Result<GeneratedImage, JsError> {
     let start = now_ms();
     let shape = pipe
         .latent_shape(1, req.size[0], req.size[1])
         .map_err(|e| JsError::new(&e))?;
+    if in_wasm_memory {
+        check_wasm_memory(pipe, shape)?;
+    }
     let [_, _, h, w] = shape;
     let noise = match req.noise {
         Some(values) => InitialNoise::Values(values),

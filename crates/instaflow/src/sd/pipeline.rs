@@ -306,6 +306,8 @@ pub enum GenerationStage {
         index: usize,
         /// Steps in all.
         of: usize,
+        /// UNet evaluations it took (2 with guidance).
+        evals: usize,
     },
     /// The latents are decoded to pixels.
     Decoded,
@@ -320,16 +322,6 @@ pub trait StageHook<B: Backend> {
 
     /// Told when a stage is done and how long it took (progress messages, memory samples).
     fn finished(&mut self, _stage: GenerationStage, _ms: f64) {}
-}
-
-/// A blocking [`StageHook`] for native callers that only need the timings.
-pub struct Blocking;
-
-impl<B: Backend> StageHook<B> for Blocking {
-    async fn settle(&mut self, probe: Tensor<B, 1>) -> Result<(), String> {
-        probe.into_data();
-        Ok(())
-    }
 }
 
 /// Milliseconds per stage of one generation, each measured after the device finished it.
@@ -616,10 +608,12 @@ impl<B: Backend> InstaFlowPipeline<B> {
             z = euler(&ode, z, t0, t0 + 1.0 / n as f64, 1, false).x;
             hook.settle(probe(&z)).await?;
             timings.step_ms.push(ms(start));
-            hook.finished(
-                GenerationStage::Step { index: i, of: n },
-                timings.step_ms[i],
-            );
+            let stage = GenerationStage::Step {
+                index: i,
+                of: n,
+                evals: ode.evals_per_call(),
+            };
+            hook.finished(stage, timings.step_ms[i]);
         }
 
         let start = Instant::now();
@@ -850,7 +844,11 @@ mod tests {
             &mut hook,
         ))
         .unwrap();
-        let steps = (0..3).map(|index| GenerationStage::Step { index, of: 3 });
+        let steps = (0..3).map(|index| GenerationStage::Step {
+            index,
+            of: 3,
+            evals: 2,
+        });
         let expected: Vec<_> = std::iter::once(GenerationStage::TextEncoded)
             .chain(steps)
             .chain([GenerationStage::Decoded])
