@@ -13,6 +13,8 @@ import { ROOT, browser, cli, gaussian, maxDiff, readSafetensors, serve, writeSaf
 const work = fs.mkdtempSync(path.join(os.tmpdir(), "instaflow-stream-"));
 const MINI = path.join(work, "mini");
 const SD15 = path.join(work, "sd15-zeros");
+/** The same model as MINI with its tokenizer as one `tokenizer.json`. */
+const MINI_JSON = path.join(work, "mini-json");
 const PAGE = path.join(ROOT, "tests/browser/blank");
 const PROMPT = "a red heart";
 /** Small pieces and requests, so that tensors are split and a load makes many requests. */
@@ -27,6 +29,7 @@ const stats = async () => (await fetch(`${server.url}__stats`)).json();
 
 before(async () => {
   cli("random-model", "--preset", "mini", "--dtype", "f16", "--seed", "1", "--out", MINI);
+  cli("random-model", "--preset", "mini", "--dtype", "f16", "--seed", "1", "--tokenizer-json", "--out", MINI_JSON);
   cli("random-model", "--preset", "sd15", "--zeros", "--out", SD15);
   noise = gaussian(4 * 8 * 8, 5);
   writeSafetensors(path.join(work, "noise.safetensors"), "noise", [1, 4, 8, 8], noise);
@@ -35,7 +38,7 @@ before(async () => {
     "--save-latents", path.join(work, "latents.safetensors"), "--out", path.join(work, "native.png"),
   );
   native = readSafetensors(path.join(work, "latents.safetensors")).values;
-  server = await serve([`/=${PAGE}`, `/instaflow=${path.join(ROOT, "web")}`, `/mini=${MINI}`, `/sd15=${SD15}`, `/org/mini/resolve/main=${MINI}`, `/models=${path.join(ROOT, "models")}`]);
+  server = await serve([`/=${PAGE}`, `/instaflow=${path.join(ROOT, "web")}`, `/mini=${MINI}`, `/mini-json=${MINI_JSON}`, `/sd15=${SD15}`, `/org/mini/resolve/main=${MINI}`, `/models=${path.join(ROOT, "models")}`]);
   gpu = await browser({ webgpu: true });
 });
 
@@ -88,6 +91,30 @@ test("a model with a VAE streams over HTTP ranges in small pieces; latents equal
     assert.ok(r.stats.pieces > 300 && r.stats.requests > 50, JSON.stringify(r.stats));
     console.log(`${backend}: max |Δlatents| ${diff.toExponential(2)}, ${r.stats.pieces} pieces in ${r.stats.requests} requests, wasm memory ${(r.wasm / 2 ** 20).toFixed(0)} MiB`);
   }
+  await page.close();
+});
+
+test("a tokenizer given as tokenizer.json only gives the same latents; a size no WebGPU buffer can hold is refused before allocating", async () => {
+  assert.ok(!fs.existsSync(path.join(MINI_JSON, "tokenizer/vocab.json")));
+  const page = await openPage();
+  for (const backend of ["webgpu", "cpu"]) {
+    const r = await loadAndGenerate(page, "/mini-json/", { backend, cache: false });
+    assert.equal(r.error, undefined, r.error);
+    const diff = maxDiff(r.latents, native);
+    assert.ok(diff <= 1e-3, `${backend}: latents differ from the CLI's by ${diff}`);
+  }
+  // The VAE decoder's full-resolution layer of a 4096² image is one tensor of gigabytes: refused
+  // with the device's buffer limit named, and the model stays usable.
+  const big = await page.evaluate(async (prompt) => {
+    const model = await window.instaflow.InstaFlow.load("/mini/", { backend: "webgpu", cache: false });
+    const error = await model.generate({ prompt, width: 4096, height: 4096 }).then(() => "generated", (e) => e.message);
+    const after = await model.generate({ prompt }).then((img) => `${img.width}×${img.height}`, (e) => e.message);
+    model.free();
+    return { error, after };
+  }, PROMPT);
+  assert.match(big.error, /a 4096×4096 image needs a GPU buffer of at least \d+ MB \(the VAE decoder's full-resolution layers\); this WebGPU device allows \d+ MB per buffer/);
+  assert.equal(big.after, "64×64");
+  console.log(`WebGPU: ${big.error}`);
   await page.close();
 });
 

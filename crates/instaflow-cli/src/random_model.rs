@@ -7,6 +7,8 @@ use anyhow::{Result, ensure};
 use burn::backend::Flex;
 use clap::Args;
 use instaflow::sd::models::random::{Init, PRESETS, save_random_model};
+use instaflow::sd::tokenizer::ClipTokenizer;
+use instaflow::training::data::write_atomic;
 
 use crate::convert::DtypeArg;
 use crate::embedded;
@@ -30,6 +32,10 @@ pub struct RandomModelArgs {
     /// All-zero weights, written as sparse files at once (for loader and download tests).
     #[arg(long)]
     zeros: bool,
+    /// Write the tokenizer as one `tokenizer.json` instead of `vocab.json` + `merges.txt` (both
+    /// forms are published; loaders must read either).
+    #[arg(long)]
+    tokenizer_json: bool,
 }
 
 /// Run `instaflow random-model` (on the CPU backend: initialising is cheap there).
@@ -53,6 +59,14 @@ pub fn run(args: RandomModelArgs) -> Result<()> {
         &Default::default(),
     )
     .map_err(anyhow::Error::msg)?;
+    if args.tokenizer_json {
+        let dir = args.out.join("tokenizer");
+        let json = ClipTokenizer::from_dir(&dir)?.to_tokenizer_json()?;
+        write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+        for file in ["vocab.json", "merges.txt"] {
+            std::fs::remove_file(dir.join(file))?;
+        }
+    }
     println!(
         "wrote {} ({} preset, {} weights, {:?})",
         args.out.display(),

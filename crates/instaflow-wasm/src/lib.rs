@@ -218,6 +218,9 @@ thread_local! {
     /// Whether the WebGPU device computes in f16: burn fixes a device's float type at its first
     /// tensor, so the first model's precision holds for the page (or worker).
     static GPU_F16: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// The WebGPU device's largest buffer in bytes (the smaller of `maxBufferSize` and
+    /// `maxStorageBufferBindingSize`: burn binds every tensor as one storage buffer).
+    static GPU_MAX_BUFFER: std::cell::Cell<u64> = const { std::cell::Cell::new(u64::MAX) };
 }
 
 fn precision_name(f16: bool) -> &'static str {
@@ -229,7 +232,13 @@ fn precision_name(f16: bool) -> &'static str {
 async fn gpu_device(precision: &str) -> Result<WgpuDevice, JsError> {
     let device = WgpuDevice::default();
     if !GPU_READY.get() {
-        init_setup_async::<graphics::WebGpu>(&device, Default::default()).await;
+        let setup = init_setup_async::<graphics::WebGpu>(&device, Default::default()).await;
+        let limits = setup.device.limits();
+        GPU_MAX_BUFFER.set(
+            limits
+                .max_buffer_size
+                .min(limits.max_storage_buffer_binding_size as u64),
+        );
         GPU_READY.set(true);
     }
     let supported = <WebGpu as Backend>::supports_dtype(&device, DType::F16);
@@ -284,30 +293,58 @@ const MAX_CPU_WEIGHT_BYTES: u64 = 3 << 30;
 /// wasm32 memory: 65,536 pages of 64 KiB.
 const WASM_MEMORY_BYTES: u64 = 4 << 30;
 
-/// Refuse a CPU (wasm) generation of `shape` whose weights, activations and noise cannot fit in
-/// wasm memory, before anything is allocated: a failed allocation would trap and take the whole
-/// module down.
-fn check_wasm_memory<B: Backend>(
+/// Where a generation's tensors live, for the memory check made before anything is allocated.
+enum Memory {
+    /// wasm linear memory (the CPU backend): 4 GB for everything.
+    Wasm,
+    /// A WebGPU device, computing with `float_bytes` per value: the GPU's total memory is not
+    /// exposed, but its largest buffer is.
+    Gpu { float_bytes: usize },
+}
+
+/// Refuse a generation of `shape` that cannot fit where its tensors live, before anything is
+/// allocated: a failed allocation would trap and take the whole module down (on the CPU), or lose
+/// the device (on WebGPU). In wasm memory the weights, activations and noise must fit in 4 GB; on
+/// WebGPU each tensor must fit in one buffer of the device's largest size.
+fn check_memory<B: Backend>(
     pipe: &InstaFlowPipeline<B>,
     shape: [usize; 4],
+    memory: Memory,
 ) -> Result<(), JsError> {
-    let estimate = pipe.memory_estimate(shape, 4);
-    let need = estimate.device().saturating_add(estimate.noise);
-    if need <= WASM_MEMORY_BYTES {
-        return Ok(());
-    }
     let [_, _, h, w] = shape;
+    let size = format!("a {}×{} image", w * pipe.vae_scale, h * pipe.vae_scale);
     let mb = |b: u64| b as f64 / 1e6;
-    Err(JsError::new(&format!(
-        "a {}×{} image needs at least {:.0} MB of wasm memory ({:.0} MB weights, {:.0} MB \
-         activations); the CPU (wasm) backend has 4 GB at most. Choose a smaller width and height, \
-         or use WebGPU",
-        w * pipe.vae_scale,
-        h * pipe.vae_scale,
-        mb(need),
-        mb(estimate.weights),
-        mb(estimate.activations)
-    )))
+    match memory {
+        Memory::Wasm => {
+            let estimate = pipe.memory_estimate(shape, 4);
+            let need = estimate.device().saturating_add(estimate.noise);
+            if need <= WASM_MEMORY_BYTES {
+                return Ok(());
+            }
+            Err(JsError::new(&format!(
+                "{size} needs at least {:.0} MB of wasm memory ({:.0} MB weights, {:.0} MB \
+                 activations); the CPU (wasm) backend has 4 GB at most. Choose a smaller width \
+                 and height, or use WebGPU",
+                mb(need),
+                mb(estimate.weights),
+                mb(estimate.activations)
+            )))
+        }
+        Memory::Gpu { float_bytes } => {
+            let estimate = pipe.memory_estimate(shape, float_bytes);
+            let limit = GPU_MAX_BUFFER.get();
+            if estimate.largest_tensor <= limit {
+                return Ok(());
+            }
+            Err(JsError::new(&format!(
+                "{size} needs a GPU buffer of at least {:.0} MB ({}); this WebGPU device allows \
+                 {:.0} MB per buffer. Choose a smaller width and height",
+                mb(estimate.largest_tensor),
+                estimate.largest_in,
+                mb(limit)
+            )))
+        }
+    }
 }
 
 enum Loading {
@@ -530,8 +567,11 @@ impl InstaFlow {
             size: [width, height].map(|v| (v > 0).then_some(v as usize)),
         };
         let mut image = match &self.engine {
-            Engine::Gpu(pipe, device) => run(pipe, device, request, false).await?,
-            Engine::Cpu(pipe) => run(pipe, &Default::default(), request, true).await?,
+            Engine::Gpu(pipe, device) => {
+                let float_bytes = if GPU_F16.get() == Some(true) { 2 } else { 4 };
+                run(pipe, device, request, Memory::Gpu { float_bytes }).await?
+            }
+            Engine::Cpu(pipe) => run(pipe, &Default::default(), request, Memory::Wasm).await?,
         };
         image.backend = self.backend();
         Ok(image)
@@ -566,15 +606,13 @@ async fn run<B: Backend>(
     pipe: &InstaFlowPipeline<B>,
     device: &B::Device,
     req: Request,
-    in_wasm_memory: bool,
+    memory: Memory,
 ) -> Result<GeneratedImage, JsError> {
     let start = now_ms();
     let shape = pipe
         .latent_shape(1, req.size[0], req.size[1])
         .map_err(|e| JsError::new(&e))?;
-    if in_wasm_memory {
-        check_wasm_memory(pipe, shape)?;
-    }
+    check_memory(pipe, shape, memory)?;
     let [_, _, h, w] = shape;
     let noise = match req.noise {
         Some(values) => InitialNoise::Values(values),

@@ -370,6 +370,11 @@ pub struct MemoryEstimate {
     pub activations: u64,
     /// Bytes of the initial noise on the host (f32), made before anything reaches the device.
     pub noise: u64,
+    /// Bytes of the largest single tensor (also a lower bound): a GPU allocates each tensor as one
+    /// buffer, and WebGPU caps a buffer's size whatever memory the GPU has.
+    pub largest_tensor: u64,
+    /// Which layer makes [`largest_tensor`](Self::largest_tensor), for messages.
+    pub largest_in: &'static str,
 }
 
 impl MemoryEstimate {
@@ -470,10 +475,39 @@ impl<B: Backend> InstaFlowPipeline<B> {
             .map_or(0, |c| product(&[3, c[0] as u128, h, w, scale, scale]));
         let clamp = |v: u128| u64::try_from(v).unwrap_or(u64::MAX);
         let bytes = float_bytes as u128;
+        // Single tensors that certainly exist: the UNet's first level (conv_in's output), the
+        // feed-forward's GEGLU projection (8·C per pixel) at the widest level with attention, and
+        // the VAE decoder's last up block at full size.
+        let attention_level = self
+            .unet_config
+            .down_block_types
+            .iter()
+            .position(|t| t.contains("Attn"));
+        let largest = [
+            (
+                "the UNet's first level",
+                product(&[b, unet[0] as u128, h, w]),
+            ),
+            (
+                "the UNet's attention feed-forward",
+                attention_level.map_or(0, |l| product(&[b, 8 * unet[l] as u128, h >> l, w >> l])),
+            ),
+            (
+                "the VAE decoder's full-resolution layers",
+                self.vae_channels
+                    .as_ref()
+                    .map_or(0, |c| product(&[b, c[0] as u128, h, w, scale, scale])),
+            ),
+        ]
+        .into_iter()
+        .max_by_key(|&(_, n)| n)
+        .expect("three candidates");
         MemoryEstimate {
             weights: clamp(count.saturating_mul(bytes)),
             activations: clamp(product(&[b, unet_peak.max(vae_peak), bytes])),
             noise: clamp(product(&shape.map(|d| d as u128)).saturating_mul(4)),
+            largest_tensor: clamp(largest.1.saturating_mul(bytes)),
+            largest_in: largest.0,
         }
     }
 
@@ -924,8 +958,17 @@ mod tests {
         // Absurd requests saturate instead of overflowing.
         let huge = pipe.memory_estimate([usize::MAX, 4, usize::MAX, usize::MAX], 4);
         assert_eq!(
-            (huge.activations, huge.noise, huge.device()),
-            (u64::MAX, u64::MAX, u64::MAX)
+            (
+                huge.activations,
+                huge.noise,
+                huge.device(),
+                huge.largest_tensor
+            ),
+            (u64::MAX, u64::MAX, u64::MAX, u64::MAX)
         );
+        // The largest single tensor is one of the activations, and grows with batch and size.
+        assert!(one.largest_tensor > 0 && one.largest_tensor <= one.activations);
+        assert_eq!(four.largest_tensor, 4 * one.largest_tensor);
+        assert_eq!(wide.largest_tensor, 4 * one.largest_tensor);
     }
 }

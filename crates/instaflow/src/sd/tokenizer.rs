@@ -213,6 +213,14 @@ impl ClipTokenizer {
         Ok(enc.get_ids().len() > MAX_LENGTH - 2)
     }
 
+    /// The whole tokenizer as one Hugging Face `tokenizer.json` (the single-file form of
+    /// `vocab.json` + `merges.txt`, loaded by [`from_source`](Self::from_source) alike).
+    pub fn to_tokenizer_json(&self) -> Result<String, TokenizerError> {
+        self.inner
+            .to_string(false)
+            .map_err(|e| invalid("tokenizer.json", e))
+    }
+
     /// Ids of `prompt`: `BOS`, at most 75 tokens, `EOS`, padding to 77 (longer prompts are cut).
     pub fn encode(&self, prompt: &str) -> Result<Vec<u32>, TokenizerError> {
         let enc = self
@@ -261,7 +269,7 @@ mod tests {
     #[test]
     fn a_folder_with_only_tokenizer_json_gives_the_same_ids() {
         let tok = ClipTokenizer::from_dir(&repo("assets/clip-tokenizer")).unwrap();
-        let json = tok.inner.to_string(false).unwrap();
+        let json = tok.to_tokenizer_json().unwrap();
         let source = ModelSource::Memory {
             name: "json-only".into(),
             files: [("tokenizer/tokenizer.json".to_string(), json.into_bytes())].into(),
