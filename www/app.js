@@ -136,6 +136,46 @@ function show(image, job) {
 
 const mb = (n) => (n / 1e6).toFixed(1);
 
+/** The prompts a model was trained to know (`prompts.json` in its folder: [{ prompt, class }]),
+ * as clickable chips under the prompt; none when the folder has no such list. */
+async function showExamples(source) {
+  const box = $("examples");
+  box.replaceChildren();
+  box.hidden = true;
+  page.examples = [];
+  let list = null;
+  try {
+    if (typeof source === "string" && !source.startsWith("hf:")) {
+      const response = await fetch(new URL("prompts.json", source.endsWith("/") ? source : `${source}/`));
+      if (response.ok) list = await response.json();
+    } else if (source && typeof source === "object" && source["prompts.json"]) {
+      list = JSON.parse(await source["prompts.json"].text());
+    }
+  } catch {
+    list = null; // a missing or unreadable list only means no examples
+  }
+  if (!Array.isArray(list)) return;
+  page.examples = list.map((e) => String(e.prompt ?? e)).filter((p) => p.length > 0);
+  for (const prompt of page.examples) {
+    const chip = document.createElement("button");
+    chip.type = "button";
+    chip.textContent = prompt;
+    chip.addEventListener("click", () => {
+      $("prompt").value = prompt;
+      markExample();
+      request({ now: true });
+    });
+    box.append(chip);
+  }
+  box.hidden = page.examples.length === 0;
+  markExample();
+}
+
+/** Highlight the chip of the prompt being shown, if it is one. */
+function markExample() {
+  for (const chip of $("examples").children) chip.classList.toggle("current", chip.textContent === $("prompt").value);
+}
+
 function loadingText(label, { loaded, total, bytesPerSecond, secondsLeft }) {
   let text = `loading ${label}: ${mb(loaded)} / ${mb(total)} MB`;
   if (bytesPerSecond > 0) text += ` · ${mb(bytesPerSecond)} MB/s`;
@@ -193,6 +233,7 @@ async function load(source, label) {
     // f16 where the GPU has f16 shaders; f32 otherwise and on the CPU.
     $("load-status").textContent = `${label} · ${loaded.backend === "webgpu" ? "WebGPU" : "CPU (wasm)"}, ${loaded.precision}`;
     request({ now: true });
+    showExamples(source);
   } catch (e) {
     if (token !== loads) return;
     $("load-status").textContent = "";
@@ -264,19 +305,25 @@ $("folder").addEventListener("change", () => {
   load(folderFiles(list), name);
 });
 for (const id of ["prompt", "seed", "guidance", "steps"]) $(id).addEventListener("input", () => request());
+$("prompt").addEventListener("input", markExample);
+// Smooth (bilinear) enlargement shows the picture; nearest shows the model's actual pixels.
+const smoothing = () => $("image").classList.toggle("smooth", $("smooth").checked);
+$("smooth").addEventListener("change", smoothing);
+smoothing();
 $("new-seed").addEventListener("click", () => {
   $("seed").value = String(crypto.getRandomValues(new Uint32Array(1))[0]);
   request({ now: true });
 });
 $("download").addEventListener("click", () => {
-  // Enlarge small images (nearest neighbour) so the file is useful as a picture.
+  // Enlarge small images so the file is useful as a picture (smoothly or not, as shown).
   const src = $("image");
   const scale = Math.max(1, Math.floor(256 / Math.max(src.width, src.height)));
   const out = document.createElement("canvas");
   out.width = src.width * scale;
   out.height = src.height * scale;
   const ctx = out.getContext("2d");
-  ctx.imageSmoothingEnabled = false;
+  ctx.imageSmoothingEnabled = $("smooth").checked;
+  ctx.imageSmoothingQuality = "high";
   ctx.drawImage(src, 0, 0, out.width, out.height);
   out.toBlob((blob) => {
     const a = document.createElement("a");

@@ -189,13 +189,31 @@ test("new seed changes the image, and download PNG saves it enlarged", async () 
   assert.notEqual(next.seed, first.last.seed);
   assert.equal(String(next.seed), await page.inputValue("#seed"));
   assert.ok(maxDiff(next.rgba, first.last.rgba) > 0, "a new seed gave the same image");
-  const [download] = await Promise.all([page.waitForEvent("download"), page.click("#download")]);
-  const file = path.join(ARTIFACTS, "downloaded.png");
-  await download.saveAs(file);
-  assert.match(download.suggestedFilename(), /^red_heart-\d+\.png$/);
-  const png = await decodePng(page, file);
-  assert.deepEqual([png.width, png.height], [256, 256]);
-  // Nearest-neighbour enlargement: the top-left 16×16 block is the image's first pixel.
-  assert.deepEqual(png.rgba.slice(0, 4), next.rgba.slice(0, 4));
+  const save = async (name) => {
+    const [download] = await Promise.all([page.waitForEvent("download"), page.click("#download")]);
+    const file = path.join(ARTIFACTS, name);
+    await download.saveAs(file);
+    assert.match(download.suggestedFilename(), /^red_heart-\d+\.png$/);
+    const png = await decodePng(page, file);
+    assert.deepEqual([png.width, png.height], [256, 256]);
+    return png;
+  };
+  // Shown smoothly enlarged by default; unticked, the pixels are shown (and saved) as they are.
+  assert.equal(await page.evaluate(() => getComputedStyle(document.getElementById("image")).imageRendering), "auto");
+  await page.uncheck("#smooth");
+  assert.equal(await page.evaluate(() => getComputedStyle(document.getElementById("image")).imageRendering), "pixelated");
+  const sharp = await save("downloaded.png");
+  // Nearest-neighbour enlargement: every pixel of the top-left block is the image's first pixel.
+  const { width } = next;
+  const scale = 256 / width;
+  for (const [x, y] of [[0, 0], [scale - 1, scale - 1]]) {
+    assert.deepEqual(sharp.rgba.slice(4 * (y * 256 + x), 4 * (y * 256 + x) + 4), next.rgba.slice(0, 4));
+  }
+  await page.check("#smooth");
+  const smooth = await save("downloaded-smooth.png");
+  // Interpolated: pixels between block centres differ from nearest ones, but the picture is the same.
+  assert.ok(maxDiff(smooth.rgba, sharp.rgba) > 0, "smooth enlargement saved the nearest-neighbour image");
+  const mean = (a) => a.reduce((s, v) => s + v, 0) / a.length;
+  assert.ok(Math.abs(mean(smooth.rgba) - mean(sharp.rgba)) < 3, "smooth enlargement changed the picture");
   await page.close();
 });

@@ -64,6 +64,69 @@ pub struct EvalArgs {
     /// Samples per batch.
     #[arg(long, default_value_t = 250)]
     batch: usize,
+    /// A fixed prompt list instead of the data's captions: a JSON array of `{"prompt": …,
+    /// "class": …}` (a built-in model's `prompts.json`). Every prompt is sampled with --seeds
+    /// noises; --samples is ignored. eval.md then has a row per prompt, and prompts-grid.png.
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// With --prompts: noises per prompt.
+    #[arg(long, default_value_t = 8)]
+    seeds: usize,
+    /// With --prompts: the first this many prompts only (0: all).
+    #[arg(long, default_value_t = 0)]
+    first: usize,
+}
+
+/// One entry of a prompt list (`prompts.json`).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct PromptEntry {
+    /// The text given to the model.
+    pub prompt: String,
+    /// The class (of the data set) a picture of it belongs to.
+    pub class: String,
+}
+
+/// Read a prompt list and check its classes against the data's.
+fn read_prompts(path: &std::path::Path, data: &ImageTextDataset) -> Result<Vec<PromptEntry>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let list: Vec<PromptEntry> = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: expected a JSON array of {{\"prompt\", \"class\"}}",
+            path.display()
+        )
+    })?;
+    ensure!(!list.is_empty(), "{}: no prompts", path.display());
+    if let Some(bad) = list.iter().find(|e| !data.classes.contains(&e.class)) {
+        bail!(
+            "{}: prompt {:?} has class {:?}, which the data set does not have",
+            path.display(),
+            bad.prompt,
+            bad.class
+        );
+    }
+    Ok(list)
+}
+
+/// Share of `predicted` whose class-name word `w` equals `expected`'s, per attribute.
+fn attribute_accuracy(
+    data: &ImageTextDataset,
+    predicted: &[usize],
+    expected: &[usize],
+) -> Vec<(String, f64)> {
+    data.attributes
+        .iter()
+        .enumerate()
+        .map(|(w, name)| {
+            let word = |c: usize| data.classes[c].split(' ').nth(w);
+            let hits = predicted
+                .iter()
+                .zip(expected)
+                .filter(|&(&p, &e)| word(p) == word(e))
+                .count();
+            (name.clone(), hits as f64 / predicted.len().max(1) as f64)
+        })
+        .collect()
 }
 
 fn named(spec: &str) -> Result<(String, PathBuf)> {
@@ -89,7 +152,12 @@ struct Row {
     transport_cost: Option<f64>,
     rk45_nfe: Option<usize>,
     seconds: f64,
+    /// Accuracy per attribute of the data's class names (colour, shape), if it has them.
+    attributes: std::collections::BTreeMap<String, f64>,
 }
+
+/// One prompt's share of samples in its class, and per attribute.
+type PromptScore = (String, f64, Vec<f64>);
 
 /// Run `instaflow eval`.
 pub fn run(choice: BackendChoice, args: EvalArgs) -> Result<()> {
@@ -100,6 +168,10 @@ pub fn run(choice: BackendChoice, args: EvalArgs) -> Result<()> {
     ensure!(
         args.samples >= 20 && args.batch > 0,
         "--samples must be at least 20, --batch positive"
+    );
+    ensure!(
+        (1..=1000).contains(&args.seeds),
+        "--seeds must be between 1 and 1000"
     );
     ensure!(
         args.steps.iter().all(|&n| n > 0),
@@ -203,12 +275,38 @@ fn evaluate<B: AutodiffBackend>(
     );
     let mut labels = Vec::with_capacity(n);
     let mut prompts = Vec::with_capacity(n);
-    for i in 0..n {
-        let c = present[i % present.len()];
-        let item = by_class[c][rng.random_range(0..by_class[c].len())];
-        labels.push(c);
-        prompts.push(data.caption(item, &mut rng).to_string());
-    }
+    let list = match &args.prompts {
+        Some(path) => {
+            let mut list = read_prompts(path, data)?;
+            if args.first > 0 {
+                list.truncate(args.first);
+            }
+            Some(list)
+        }
+        None => None,
+    };
+    let n = match &list {
+        // Prompt-major: the seeds of one prompt are consecutive samples.
+        Some(list) => {
+            for e in list {
+                let c = data.classes.iter().position(|c| *c == e.class);
+                for _ in 0..args.seeds {
+                    labels.push(c.expect("checked by read_prompts"));
+                    prompts.push(e.prompt.clone());
+                }
+            }
+            prompts.len()
+        }
+        None => {
+            for i in 0..n {
+                let c = present[i % present.len()];
+                let item = by_class[c][rng.random_range(0..by_class[c].len())];
+                labels.push(c);
+                prompts.push(data.caption(item, &mut rng).to_string());
+            }
+            n
+        }
+    };
     let real_idx: Vec<usize> = (0..n).map(|_| rng.random_range(0..data.len())).collect();
     let real_idx2: Vec<usize> = (0..n).map(|_| rng.random_range(0..data.len())).collect();
     let mut real = Vec::new();
@@ -238,6 +336,9 @@ fn evaluate<B: AutodiffBackend>(
     }
     let mut rows = Vec::new();
     let mut grid: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
+    // With a prompt list: per model and N, every prompt's accuracy and its first 4 images.
+    let mut per_prompt: Vec<(String, Vec<PromptScore>)> = Vec::new();
+    let mut prompt_grid: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
     let per = shape.iter().product::<usize>();
     for (name, path, steps, is_flow) in jobs {
         let pipe = InstaFlowPipeline::<I<B>>::load(&ModelSource::dir(&path), idev)
@@ -295,7 +396,8 @@ fn evaluate<B: AutodiffBackend>(
             let b = bar(n, &label);
             let t = Instant::now();
             let mut fake = Vec::new();
-            let mut correct = 0;
+            let mut predicted = Vec::with_capacity(n);
+            let mut images = Vec::new();
             let mut first_row = Vec::new();
             for start in (0..n).step_by(args.batch) {
                 let end = (start + args.batch).min(n);
@@ -310,24 +412,48 @@ fn evaluate<B: AutodiffBackend>(
                     },
                 );
                 let x = x.clamp(-1.0, 1.0);
-                if start == 0 {
+                if list.is_some() {
+                    images.extend(to_rgb8(pipe.decode(x.clone())));
+                } else if start == 0 {
                     first_row = to_rgb8(pipe.decode(x.clone().narrow(0, 0, k.min(end))));
                 }
                 let (f, pred) = features(&clf, x);
-                correct += pred
-                    .iter()
-                    .zip(&labels[start..end])
-                    .filter(|(p, l)| p == l)
-                    .count();
+                predicted.extend(pred);
                 fake.extend(f);
                 b.set_position(end as u64);
             }
             b.finish_and_clear();
+            let correct = predicted
+                .iter()
+                .zip(&labels)
+                .filter(|(p, l)| p == l)
+                .count();
+            if let Some(list) = &list {
+                let s = args.seeds;
+                let mut entries = Vec::new();
+                for (i, e) in list.iter().enumerate() {
+                    let (p, l) = (&predicted[i * s..(i + 1) * s], &labels[i * s..(i + 1) * s]);
+                    let hits = p.iter().zip(l).filter(|(a, b)| a == b).count();
+                    let attrs = attribute_accuracy(data, p, l).into_iter().map(|a| a.1);
+                    entries.push((e.prompt.clone(), hits as f64 / s as f64, attrs.collect()));
+                    prompt_grid.push((
+                        format!("{} · {label}", e.prompt),
+                        images[i * s..i * s + s.min(4)].to_vec(),
+                    ));
+                }
+                per_prompt.push((label.clone(), entries));
+                first_row = (0..list.len().min(k))
+                    .map(|i| images[i * s].clone())
+                    .collect();
+            }
             let row = Row {
                 model: name.clone(),
                 steps,
                 fd: frechet_distance(&real, &fake, dim),
                 accuracy: correct as f64 / n as f64,
+                attributes: attribute_accuracy(data, &predicted, &labels)
+                    .into_iter()
+                    .collect(),
                 straightness: paths.map(|p| p.straightness),
                 transport_cost: paths.map(|p| p.transport_cost),
                 rk45_nfe: nfe,
@@ -348,11 +474,23 @@ fn evaluate<B: AutodiffBackend>(
 
     // 4. Reports.
     let fmt = |v: Option<f64>, d: usize| v.map_or_else(|| "—".to_string(), |x| format!("{x:.d$}"));
-    let mut md = "| model | N | FD ↓ | prompt accuracy ↑ | straightness ↓ | transport cost | RK45 NFE |\n|---|---:|---:|---:|---:|---:|---:|\n"
-        .to_string();
+    let attr_head: String = data
+        .attributes
+        .iter()
+        .map(|a| format!(" {a} accuracy ↑ |"))
+        .collect();
+    let attr_rule = "---:|".repeat(data.attributes.len());
+    let mut md = format!(
+        "| model | N | FD ↓ | prompt accuracy ↑ |{attr_head} straightness ↓ | transport cost | RK45 NFE |\n|---|---:|---:|---:|{attr_rule}---:|---:|---:|\n"
+    );
     for r in &rows {
+        let attrs: String = data
+            .attributes
+            .iter()
+            .map(|a| format!(" {:.1}% |", 100.0 * r.attributes[a]))
+            .collect();
         md += &format!(
-            "| {} | {} | {:.3} | {:.1}% | {} | {} | {} |\n",
+            "| {} | {} | {:.3} | {:.1}% |{attrs} {} | {} | {} |\n",
             r.model,
             r.steps,
             r.fd,
@@ -361,6 +499,19 @@ fn evaluate<B: AutodiffBackend>(
             fmt(r.transport_cost, 1),
             r.rk45_nfe.map_or("—".into(), |v| v.to_string())
         );
+    }
+    for (label, entries) in &per_prompt {
+        md += &format!(
+            "\n**{label}**, {} seeds per prompt:\n\n| prompt | class ↑ |{attr_head}\n|---|---:|{attr_rule}\n",
+            args.seeds
+        );
+        for (prompt, acc, attrs) in entries {
+            let attrs: String = attrs
+                .iter()
+                .map(|a| format!(" {:.0}% |", 100.0 * a))
+                .collect();
+            md += &format!("| {prompt} | {:.0}% |{attrs}\n", 100.0 * acc);
+        }
     }
     md += &format!(
         "\n{n} samples per row, same noise and prompts for every row; FD on the {dim}-d features of a \
@@ -372,12 +523,28 @@ fn evaluate<B: AutodiffBackend>(
     let json = serde_json::json!({
         "rows": rows, "samples": n, "fd_real_vs_real": floor, "classifier_accuracy": clf_acc,
         "guidance": args.guidance, "seed": args.seed, "backend": backend,
+        "attributes": data.attributes,
+        "prompts": per_prompt.iter().map(|(label, entries)| serde_json::json!({
+            "row": label,
+            "seeds": args.seeds,
+            "entries": entries.iter().map(|(p, acc, attrs)| serde_json::json!({
+                "prompt": p, "accuracy": acc, "attributes": attrs,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
     });
     std::fs::write(
         args.out.join("eval.json"),
         serde_json::to_string_pretty(&json)?,
     )?;
     plots::image_grid(&grid, (shape[1], shape[2]), 3, &args.out.join("grid.png"))?;
+    if !prompt_grid.is_empty() {
+        plots::image_grid(
+            &prompt_grid,
+            (shape[1], shape[2]),
+            3,
+            &args.out.join("prompts-grid.png"),
+        )?;
+    }
     println!("{md}");
     println!("grid: {}", args.out.join("grid.png").display());
     Ok(())

@@ -71,7 +71,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 /// Memory the kernel says can be allocated without swapping (`MemAvailable`), where known.
-fn available_ram() -> Option<u64> {
+pub fn available_ram() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

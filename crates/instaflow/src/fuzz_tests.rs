@@ -274,6 +274,7 @@ fn image_text_data_sets() {
         width: 2,
         images: vec![0, 64, 128, 255, 1, 2, 3, 4],
         classes: vec!["zero".into(), "one".into()],
+        attributes: vec![],
         items: vec![
             crate::training::data::Item {
                 label: Some(0),

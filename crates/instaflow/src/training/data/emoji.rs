@@ -163,6 +163,7 @@ pub fn from_package(path: &Path, size: usize) -> Result<ImageTextDataset, DataEr
         width: size,
         images,
         classes,
+        attributes: vec![],
         items,
     })
 }

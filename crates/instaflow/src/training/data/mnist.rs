@@ -107,6 +107,7 @@ pub fn from_package(path: &Path, size: usize) -> Result<ImageTextDataset, DataEr
         width: size,
         images,
         classes: DIGIT_WORDS.iter().map(|s| s.to_string()).collect(),
+        attributes: vec![],
         items,
     })
 }

@@ -8,6 +8,7 @@
 
 pub mod emoji;
 pub mod mnist;
+pub mod shapes;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -108,6 +109,8 @@ struct Manifest {
     height: usize,
     width: usize,
     classes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    attributes: Vec<String>,
     items: Vec<Item>,
 }
 
@@ -130,6 +133,9 @@ pub struct ImageTextDataset {
     pub images: Vec<u8>,
     /// Class names (empty if the data has no classes).
     pub classes: Vec<String>,
+    /// What each word of a class name stands for (`["colour", "shape"]` for "red heart"), when
+    /// class names are made of such words; empty otherwise. `eval` reports accuracy per attribute.
+    pub attributes: Vec<String>,
     /// Captions and label of every image.
     pub items: Vec<Item>,
 }
@@ -216,6 +222,7 @@ impl ImageTextDataset {
             height: self.height,
             width: self.width,
             classes: self.classes.clone(),
+            attributes: self.attributes.clone(),
             items: self.items.clone(),
         };
         let json = serde_json::to_vec_pretty(&manifest).map_err(|e| write_err(dir, e))?;
@@ -260,6 +267,20 @@ impl ImageTextDataset {
                 format!("item {bad} has no captions or an unknown label"),
             ));
         }
+        if !m.attributes.is_empty()
+            && let Some(bad) = m
+                .classes
+                .iter()
+                .find(|c| c.split(' ').count() != m.attributes.len())
+        {
+            return Err(invalid(
+                &manifest_path,
+                format!(
+                    "class {bad:?} does not have one word per attribute {:?}",
+                    m.attributes
+                ),
+            ));
+        }
         Ok(Self {
             name: m.name,
             source: m.source,
@@ -269,6 +290,7 @@ impl ImageTextDataset {
             width: m.width,
             images: images.data().to_vec(),
             classes: m.classes,
+            attributes: m.attributes,
             items: m.items,
         })
     }
@@ -329,6 +351,7 @@ mod tests {
             width: 2,
             images: vec![0, 255, 51, 102],
             classes: vec!["a".into(), "b".into()],
+            attributes: vec![],
             items: vec![
                 Item {
                     label: Some(0),
