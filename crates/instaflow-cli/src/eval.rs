@@ -66,7 +66,8 @@ pub struct EvalArgs {
     batch: usize,
     /// A fixed prompt list instead of the data's captions: a JSON array of `{"prompt": …,
     /// "class": …}` (a built-in model's `prompts.json`). Every prompt is sampled with --seeds
-    /// noises; --samples is ignored. eval.md then has a row per prompt, and prompts-grid.png.
+    /// noises; --samples is ignored. eval.md then has a row per prompt, and prompts-grid-K.png
+    /// (every prompt, first 4 seeds) for each model and N.
     #[arg(long)]
     prompts: Option<PathBuf>,
     /// With --prompts: noises per prompt.
@@ -338,7 +339,7 @@ fn evaluate<B: AutodiffBackend>(
     let mut grid: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
     // With a prompt list: per model and N, every prompt's accuracy and its first 4 images.
     let mut per_prompt: Vec<(String, Vec<PromptScore>)> = Vec::new();
-    let mut prompt_grid: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
+    let mut prompt_grids: Vec<(String, Vec<(String, Vec<Vec<u8>>)>)> = Vec::new();
     let per = shape.iter().product::<usize>();
     for (name, path, steps, is_flow) in jobs {
         let pipe = InstaFlowPipeline::<I<B>>::load(&ModelSource::dir(&path), idev)
@@ -431,16 +432,15 @@ fn evaluate<B: AutodiffBackend>(
             if let Some(list) = &list {
                 let s = args.seeds;
                 let mut entries = Vec::new();
+                let mut cells = Vec::new();
                 for (i, e) in list.iter().enumerate() {
                     let (p, l) = (&predicted[i * s..(i + 1) * s], &labels[i * s..(i + 1) * s]);
                     let hits = p.iter().zip(l).filter(|(a, b)| a == b).count();
                     let attrs = attribute_accuracy(data, p, l).into_iter().map(|a| a.1);
                     entries.push((e.prompt.clone(), hits as f64 / s as f64, attrs.collect()));
-                    prompt_grid.push((
-                        format!("{} · {label}", e.prompt),
-                        images[i * s..i * s + s.min(4)].to_vec(),
-                    ));
+                    cells.push((e.prompt.clone(), images[i * s..i * s + s.min(4)].to_vec()));
                 }
+                prompt_grids.push((label.clone(), cells));
                 per_prompt.push((label.clone(), entries));
                 first_row = (0..list.len().min(k))
                     .map(|i| images[i * s].clone())
@@ -537,13 +537,11 @@ fn evaluate<B: AutodiffBackend>(
         serde_json::to_string_pretty(&json)?,
     )?;
     plots::image_grid(&grid, (shape[1], shape[2]), 3, &args.out.join("grid.png"))?;
-    if !prompt_grid.is_empty() {
-        plots::image_grid(
-            &prompt_grid,
-            (shape[1], shape[2]),
-            3,
-            &args.out.join("prompts-grid.png"),
-        )?;
+    for (i, (label, cells)) in prompt_grids.iter().enumerate() {
+        // One file per model and N: every prompt with its first 4 seeds.
+        let file = args.out.join(format!("prompts-grid-{}.png", i + 1));
+        plots::prompt_grid(cells, (shape[1], shape[2]), 2, 6, &file)?;
+        println!("{label}: {}", file.display());
     }
     println!("{md}");
     println!("grid: {}", args.out.join("grid.png").display());

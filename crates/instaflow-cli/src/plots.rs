@@ -246,3 +246,61 @@ pub fn image_grid(
         .save(path)
         .with_context(|| format!("writing {}", path.display()))
 }
+
+/// Labelled groups of RGB images laid out `columns` groups per row: each group is its label over
+/// its images side by side (a prompt and its seeds), each image `size`² shown `zoom`× larger.
+pub fn prompt_grid(
+    groups: &[(String, Vec<Vec<u8>>)],
+    size: (usize, usize),
+    zoom: usize,
+    columns: usize,
+    path: &Path,
+) -> Result<()> {
+    fonts();
+    let (h, w) = (size.0 * zoom, size.1 * zoom);
+    let per = groups.iter().map(|g| g.1.len()).max().unwrap_or(0);
+    let (gap, label_h, margin) = (2, 20, 12);
+    let cell_w = per * (w + gap) + margin;
+    let cell_h = label_h + h + margin;
+    let columns = columns.clamp(1, groups.len().max(1));
+    let rows = groups.len().div_ceil(columns);
+    let (width, height) = (columns * cell_w + margin, rows * cell_h + margin);
+    let mut buf = vec![255u8; width * height * 3];
+    for (i, (_, images)) in groups.iter().enumerate() {
+        let (x_cell, y_cell) = (
+            margin + (i % columns) * cell_w,
+            margin + (i / columns) * cell_h,
+        );
+        for (c, img) in images.iter().enumerate() {
+            let (x0, y0) = (x_cell + c * (w + gap), y_cell + label_h);
+            for y in 0..h {
+                for x in 0..w {
+                    let src = ((y / zoom) * size.1 + x / zoom) * 3;
+                    let dst = ((y0 + y) * width + x0 + x) * 3;
+                    buf[dst..dst + 3].copy_from_slice(&img[src..src + 3]);
+                }
+            }
+        }
+    }
+    {
+        let root =
+            BitMapBackend::with_buffer(&mut buf, (width as u32, height as u32)).into_drawing_area();
+        for (i, (label, _)) in groups.iter().enumerate() {
+            let (x, y) = (
+                margin + (i % columns) * cell_w,
+                margin + (i / columns) * cell_h,
+            );
+            root.draw(&Text::new(
+                label.as_str(),
+                (x as i32, y as i32),
+                ("sans-serif", 15),
+            ))
+            .map_err(err)?;
+        }
+        root.present().map_err(err)?;
+    }
+    image::RgbImage::from_raw(width as u32, height as u32, buf)
+        .context("grid buffer")?
+        .save(path)
+        .with_context(|| format!("writing {}", path.display()))
+}
