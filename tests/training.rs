@@ -909,3 +909,106 @@ fn two_machines_on_loopback_take_the_steps_of_one_and_stop_when_one_dies() {
     fails(cmd.output().unwrap(), "needs --coordinator HOST:PORT");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn shapes_data_and_eval_on_a_prompt_list_report_each_attribute() {
+    let dir = temp_dir("shapes");
+    let data = dir.join("shapes");
+    let stdout = ok(instaflow()
+        .args(["data", "shapes", "--size", "8", "--per-class", "3", "--out"])
+        .arg(&data)
+        .output()
+        .unwrap());
+    assert!(stdout.contains("192 images 3×8×8, 64 classes"), "{stdout}");
+    let prompts: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("prompts.json")).unwrap()).unwrap();
+    assert_eq!(prompts.as_array().unwrap().len(), 48);
+    assert_eq!(prompts[0]["prompt"], "a red circle");
+    for (args, needle) in [
+        (["--size", "4", "--per-class", "1"], "image size 4"),
+        (["--size", "8", "--per-class", "0"], "--per-class 0"),
+    ] {
+        fails(
+            instaflow()
+                .args(["data", "shapes"])
+                .args(args)
+                .arg("--out")
+                .arg(dir.join("bad"))
+                .output()
+                .unwrap(),
+            needle,
+        );
+    }
+
+    let run = dir.join("run");
+    ok(instaflow()
+        .args(["train", "--size", "tiny", "--batch", "8", "--steps", "3"])
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap());
+    let eval = |prompts: &Path, out: &Path| {
+        instaflow()
+            .args([
+                "eval",
+                "--seeds",
+                "2",
+                "--first",
+                "6",
+                "--classifier-epochs",
+                "1",
+            ])
+            .arg("--data")
+            .arg(&data)
+            .arg("--student")
+            .arg(format!("tiny={}", run.join("model").display()))
+            .arg("--prompts")
+            .arg(prompts)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let out = dir.join("eval");
+    let stdout = ok(eval(&data.join("prompts.json"), &out));
+    assert!(
+        stdout.contains("| prompt accuracy ↑ | colour accuracy ↑ | shape accuracy ↑ |"),
+        "{stdout}"
+    );
+    for row in ["| a red circle |", "| a purple diamond |"] {
+        assert!(stdout.contains(row), "{row} missing:\n{stdout}");
+    }
+    assert!(
+        !stdout.contains("| a pink cross |"),
+        "--first 6 kept more:\n{stdout}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(json["attributes"], serde_json::json!(["colour", "shape"]));
+    let entries = json["prompts"][0]["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 6);
+    // 2 seeds each: every accuracy is 0, ½ or 1.
+    for e in entries {
+        for a in std::iter::once(&e["accuracy"]).chain(e["attributes"].as_array().unwrap()) {
+            assert!([0.0, 0.5, 1.0].contains(&a.as_f64().unwrap()), "{e}");
+        }
+    }
+    let row = &json["rows"][0];
+    assert!(row["attributes"]["colour"].as_f64().unwrap() >= row["accuracy"].as_f64().unwrap());
+    assert_eq!(
+        &std::fs::read(out.join("prompts-grid-1.png")).unwrap()[..4],
+        b"\x89PNG"
+    );
+
+    // A prompt whose class the data set does not have is named.
+    let wrong = dir.join("wrong.json");
+    std::fs::write(
+        &wrong,
+        r#"[{"prompt": "a red apple", "class": "red apple"}]"#,
+    )
+    .unwrap();
+    fails(eval(&wrong, &dir.join("eval2")), "\"red apple\"");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
