@@ -160,6 +160,9 @@ struct Row {
 /// One prompt's share of samples in its class, and per attribute.
 type PromptScore = (String, f64, Vec<f64>);
 
+/// Labelled images: a grid row, or a prompt and its seeds.
+type Labelled = (String, Vec<Vec<u8>>);
+
 /// Run `instaflow eval`.
 pub fn run(choice: BackendChoice, args: EvalArgs) -> Result<()> {
     ensure!(
@@ -336,10 +339,10 @@ fn evaluate<B: AutodiffBackend>(
         jobs.push((name, path, vec![1], false));
     }
     let mut rows = Vec::new();
-    let mut grid: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
+    let mut grid: Vec<Labelled> = Vec::new();
     // With a prompt list: per model and N, every prompt's accuracy and its first 4 images.
     let mut per_prompt: Vec<(String, Vec<PromptScore>)> = Vec::new();
-    let mut prompt_grids: Vec<(String, Vec<(String, Vec<Vec<u8>>)>)> = Vec::new();
+    let mut prompt_grids: Vec<(String, Vec<Labelled>)> = Vec::new();
     let per = shape.iter().product::<usize>();
     for (name, path, steps, is_flow) in jobs {
         let pipe = InstaFlowPipeline::<I<B>>::load(&ModelSource::dir(&path), idev)
