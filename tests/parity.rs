@@ -146,6 +146,29 @@ fn unet_matches_diffusers_at_integer_and_fractional_timesteps() {
 }
 
 #[test]
+fn unet_with_the_prompt_pooled_into_the_time_embedding_matches_diffusers() {
+    // addition_embed_type "text": AttentionPooling + TextTimeEmbedding added to the time embedding.
+    let g = Goldens::load("text-time");
+    let (_, unet) = load_unet::<B>(
+        &ModelSource::dir(fixture("text-time")),
+        "unet",
+        &Default::default(),
+    )
+    .unwrap();
+    let out = unet.forward(
+        g.f32("unet.sample"),
+        g.f32("unet.timesteps"),
+        &g.f32("unet.context"),
+    );
+    check(
+        "text-time",
+        "UNet with a text addition embedding",
+        max_abs_diff(out, g.f32::<4>("unet.out")),
+        1e-4,
+    );
+}
+
+#[test]
 fn vae_matches_diffusers() {
     for name in CONFIGS {
         let g = Goldens::load(name);

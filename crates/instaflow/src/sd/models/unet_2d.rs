@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::attention::TransformerSettings;
 use super::config::{ConfigError, OneOrMany, at_most, positive_sizes, require};
-use super::embeddings::{TimestepEmbedding, timestep_embedding};
+use super::embeddings::{TextTimeEmbedding, TimestepEmbedding, timestep_embedding};
 use super::resnet::{ResnetSettings, conv2d, group_norm};
 use super::unet_2d_blocks::{BlockSettings, DownBlock2D, MidBlock2DCrossAttn, UpBlock2D};
 use crate::sd::kernels;
@@ -69,8 +69,11 @@ pub struct UNet2DConditionConfig {
     pub time_embedding_type: String,
     /// Must be null.
     pub class_embed_type: Option<String>,
-    /// Must be null.
+    /// null, or `text`: the pooled prompt is added to the time embedding (diffusers'
+    /// `TextTimeEmbedding`), which conditions every ResNet block on it.
     pub addition_embed_type: Option<String>,
+    /// Heads of the `text` addition embedding's attention pooling.
+    pub addition_embed_type_num_heads: usize,
     /// Must be 3.
     pub conv_in_kernel: usize,
     /// Must be 3.
@@ -130,6 +133,7 @@ impl Default for UNet2DConditionConfig {
             time_embedding_type: "positional".into(),
             class_embed_type: None,
             addition_embed_type: None,
+            addition_embed_type_num_heads: 64,
             conv_in_kernel: 3,
             conv_out_kernel: 3,
             time_cond_proj_dim: None,
@@ -241,10 +245,10 @@ impl UNet2DConditionConfig {
             "null",
         )?;
         require(
-            self.addition_embed_type.is_none(),
+            matches!(self.addition_embed_type.as_deref(), None | Some("text")),
             "addition_embed_type",
             &self.addition_embed_type,
-            "null",
+            "null or \"text\"",
         )?;
         require(
             self.conv_in_kernel == 3,
@@ -431,6 +435,7 @@ impl UNet2DConditionConfig {
         Ok(UNet2DConditionModel {
             conv_in: conv2d(self.in_channels, boc[0], 3, device),
             time_embedding: TimestepEmbedding::new(boc[0], temb_dim, device),
+            add_embedding: self.text_time_embedding(&r, temb_dim, device)?,
             down_blocks,
             mid_block,
             up_blocks,
@@ -440,6 +445,26 @@ impl UNet2DConditionConfig {
             flip_sin_to_cos: self.flip_sin_to_cos,
             freq_shift: self.freq_shift,
         })
+    }
+
+    /// The `text` addition embedding, when the config asks for it.
+    fn text_time_embedding<B: Backend>(
+        &self,
+        r: &Resolved,
+        temb_dim: usize,
+        device: &B::Device,
+    ) -> Result<Option<TextTimeEmbedding<B>>, ConfigError> {
+        if self.addition_embed_type.is_none() {
+            return Ok(None);
+        }
+        let (dim, heads) = (r.cross_dim[0], self.addition_embed_type_num_heads);
+        require(
+            heads > 0 && dim % heads == 0,
+            "addition_embed_type_num_heads",
+            heads,
+            "a divisor of cross_attention_dim",
+        )?;
+        Ok(Some(TextTimeEmbedding::new(dim, temb_dim, heads, device)))
     }
 
     /// Number of parameters, from the config; weights are initialised lazily, so none are allocated.
@@ -453,6 +478,7 @@ impl UNet2DConditionConfig {
 pub struct UNet2DConditionModel<B: Backend> {
     conv_in: Conv2d<B>,
     time_embedding: TimestepEmbedding<B>,
+    add_embedding: Option<TextTimeEmbedding<B>>,
     down_blocks: Vec<DownBlock2D<B>>,
     mid_block: MidBlock2DCrossAttn<B>,
     up_blocks: Vec<UpBlock2D<B>>,
@@ -477,7 +503,10 @@ impl<B: Backend> UNet2DConditionModel<B> {
             self.flip_sin_to_cos,
             self.freq_shift,
         );
-        let temb = self.time_embedding.forward(t);
+        let mut temb = self.time_embedding.forward(t);
+        if let Some(add) = &self.add_embedding {
+            temb = temb + add.forward(context.clone());
+        }
 
         let mut x = kernels::conv2d(&self.conv_in, sample);
         let mut skips = vec![x.clone()];
