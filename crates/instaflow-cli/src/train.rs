@@ -42,6 +42,11 @@ pub struct TrainArgs {
     /// Architecture of a new model: tiny (tests), small, base.
     #[arg(long, default_value = "small")]
     size: String,
+    /// A new model also adds the pooled prompt to the time embedding (diffusers'
+    /// `addition_embed_type: "text"`), so every ResNet block sees the prompt, not only the
+    /// cross-attention layers: prompts are followed much sooner in training from scratch.
+    #[arg(long, conflicts_with = "init")]
+    pooled_text: bool,
     /// Run folder: checkpoint/, model/ (EMA weights, diffusers layout), losses.csv, loss.png.
     #[arg(long)]
     out: PathBuf,
@@ -306,7 +311,10 @@ fn train<B: AutodiffBackend>(
         }
         None => {
             let [c, h, _] = data.shape();
-            let spec = ModelSpec::preset(&args.size, c, h).map_err(anyhow::Error::msg)?;
+            let mut spec = ModelSpec::preset(&args.size, c, h).map_err(anyhow::Error::msg)?;
+            if args.pooled_text {
+                spec = spec.with_pooled_text();
+            }
             // The initial weights follow --seed too, so a run is reproducible from its command.
             B::seed(device, args.seed);
             let model = spec.init::<B>(device).map_err(anyhow::Error::msg)?;

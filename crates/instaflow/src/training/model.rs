@@ -115,6 +115,17 @@ impl ModelSpec {
         Ok(Self { unet, text_encoder })
     }
 
+    /// The same architecture with the pooled prompt added to the UNet's time embedding
+    /// (`addition_embed_type: "text"`, pooling with as many heads as the cross-attention).
+    pub fn with_pooled_text(mut self) -> Self {
+        let heads = self.unet["attention_head_dim"].clone();
+        if let Some(unet) = self.unet.as_object_mut() {
+            unet.insert("addition_embed_type".into(), json!("text"));
+            unet.insert("addition_embed_type_num_heads".into(), heads);
+        }
+        self
+    }
+
     /// Read the configs of a model folder.
     pub fn from_source(source: &ModelSource) -> Result<Self, LoadError> {
         Ok(Self {
