@@ -203,6 +203,25 @@ pub fn loss_curves(curves: &[(String, Vec<(usize, f64)>)], path: &Path) -> Resul
     Ok(())
 }
 
+/// Copy the RGB image `img` (`size` pixels) `zoom`× enlarged (nearest) into the RGB buffer `buf`
+/// of `width` pixels a row, its top-left corner at `(x0, y0)`.
+fn blit(
+    buf: &mut [u8],
+    width: usize,
+    (x0, y0): (usize, usize),
+    img: &[u8],
+    size: (usize, usize),
+    zoom: usize,
+) {
+    for y in 0..size.0 * zoom {
+        for x in 0..size.1 * zoom {
+            let src = ((y / zoom) * size.1 + x / zoom) * 3;
+            let dst = ((y0 + y) * width + x0 + x) * 3;
+            buf[dst..dst + 3].copy_from_slice(&img[src..src + 3]);
+        }
+    }
+}
+
 /// A grid of RGB images (rows × columns, each `size`² pixels shown `zoom`× larger) with a label in
 /// front of every row, written as PNG.
 pub fn image_grid(
@@ -221,14 +240,8 @@ pub fn image_grid(
     let mut buf = vec![255u8; width * height * 3];
     for (r, (_, images)) in rows.iter().enumerate() {
         for (c, img) in images.iter().enumerate() {
-            let (x0, y0) = (label_w + c * (w + gap), gap + r * (h + gap));
-            for y in 0..h {
-                for x in 0..w {
-                    let src = ((y / zoom) * size.1 + x / zoom) * 3;
-                    let dst = ((y0 + y) * width + x0 + x) * 3;
-                    buf[dst..dst + 3].copy_from_slice(&img[src..src + 3]);
-                }
-            }
+            let at = (label_w + c * (w + gap), gap + r * (h + gap));
+            blit(&mut buf, width, at, img, size, zoom);
         }
     }
     {
@@ -272,14 +285,8 @@ pub fn prompt_grid(
             margin + (i / columns) * cell_h,
         );
         for (c, img) in images.iter().enumerate() {
-            let (x0, y0) = (x_cell + c * (w + gap), y_cell + label_h);
-            for y in 0..h {
-                for x in 0..w {
-                    let src = ((y / zoom) * size.1 + x / zoom) * 3;
-                    let dst = ((y0 + y) * width + x0 + x) * 3;
-                    buf[dst..dst + 3].copy_from_slice(&img[src..src + 3]);
-                }
-            }
+            let at = (x_cell + c * (w + gap), y_cell + label_h);
+            blit(&mut buf, width, at, img, size, zoom);
         }
     }
     {

@@ -3,8 +3,10 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::silu;
 use burn::tensor::{Distribution, Tensor, backend::Backend};
+
+use super::attention::scaled_dot_product;
 
 /// Sinusoidal embedding of float timesteps `[B]` → `[B, dim]` (`get_timestep_embedding`).
 ///
@@ -102,14 +104,12 @@ impl<B: Backend> AttentionPooling<B> {
             let s = t.dims()[1];
             t.reshape([b, s, heads, per_head]).swap_dims(1, 2)
         };
-        // Both sides scaled by d^(-1/4), as diffusers does (same result as one 1/√d).
-        let scale = 1.0 / (per_head as f64).sqrt().sqrt();
-        let q = split(self.q_proj.forward(class)) * scale;
-        let k = split(self.k_proj.forward(x.clone())) * scale;
+        // diffusers scales q and k by d^(-1/4) each: the same as the usual 1/√d on the scores.
+        let q = split(self.q_proj.forward(class));
+        let k = split(self.k_proj.forward(x.clone()));
         let v = split(self.v_proj.forward(x));
-        let weights = softmax(q.matmul(k.swap_dims(2, 3)), 3);
         // [B, H, 1, P] → [B, H·P] in head order.
-        weights.matmul(v).reshape([b, d])
+        scaled_dot_product(q, k, v, None).reshape([b, d])
     }
 }
 
