@@ -178,7 +178,10 @@ mod run_tests {
         let mut got = Vec::new();
         assert!(for_each_run2(lhs, rhs, |l, r, n, ls, rs| {
             for i in 0..n as isize {
-                got.push(((l as isize + i * ls) as usize, (r as isize + i * rs) as usize));
+                got.push((
+                    (l as isize + i * ls) as usize,
+                    (r as isize + i * rs) as usize,
+                ));
             }
         }));
         let want: Vec<_> = StridedIter::new(lhs).zip(StridedIter::new(rhs)).collect();

@@ -815,7 +815,11 @@ mod tests {
                     .map(|i| data[i])
                     .collect();
                 let contig = permuted.to_contiguous().into_data();
-                assert_eq!(contig.as_slice::<f32>().unwrap(), expected.as_slice(), "{p:?}");
+                assert_eq!(
+                    contig.as_slice::<f32>().unwrap(),
+                    expected.as_slice(),
+                    "{p:?}"
+                );
             }
         }
     }

@@ -394,8 +394,10 @@ where
             && rhs.layout().strides().iter().all(|&s| s >= 0) =>
         {
             let mut out = Vec::with_capacity(shape.num_elements());
-            crate::strided_index::for_each_run2(lhs.layout(), rhs.layout(), |l, r, n, ls, rs| {
-                match (ls, rs) {
+            crate::strided_index::for_each_run2(
+                lhs.layout(),
+                rhs.layout(),
+                |l, r, n, ls, rs| match (ls, rs) {
                     (1, 1) => out.extend(
                         lhs_storage[l..l + n]
                             .iter()
@@ -416,8 +418,8 @@ where
                             rhs_storage[(r as isize + i * rs) as usize],
                         )
                     })),
-                }
-            });
+                },
+            );
             out
         }
         // General fallback (negative strides)
@@ -639,9 +641,21 @@ mod tests {
         // Per-channel operand on either side; sub is not commutative.
         for swap in [false, true] {
             let out = if swap {
-                binary_op(g.clone(), t(), |a, b| a - b, |a, b| a - b, Some(BinaryOp::Sub))
+                binary_op(
+                    g.clone(),
+                    t(),
+                    |a, b| a - b,
+                    |a, b| a - b,
+                    Some(BinaryOp::Sub),
+                )
             } else {
-                binary_op(t(), g.clone(), |a, b| a - b, |a, b| a - b, Some(BinaryOp::Sub))
+                binary_op(
+                    t(),
+                    g.clone(),
+                    |a, b| a - b,
+                    |a, b| a - b,
+                    Some(BinaryOp::Sub),
+                )
             };
             let got = out.into_data().to_vec::<f32>().unwrap();
             let mut i = 0;

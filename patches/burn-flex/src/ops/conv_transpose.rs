@@ -192,6 +192,32 @@ bf16_via_f32!(
     ConvTransposeOptions
 );
 
+/// The input positions `lo..hi` along one axis that a kernel tap at offset `tap` (its index times
+/// the dilation) sends inside an output of length `out_len`, and the shift with which input
+/// position `i` lands at output `i·stride + shift`.
+fn tap_range(
+    in_len: usize,
+    out_len: usize,
+    stride: usize,
+    tap: usize,
+    pad: usize,
+) -> (usize, usize, isize) {
+    let shift = tap as isize - pad as isize;
+    // First i with i·stride + shift ≥ 0, and one past the last with i·stride + shift < out_len.
+    let lo = if shift >= 0 {
+        0
+    } else {
+        (-shift as usize).div_ceil(stride)
+    };
+    let last = out_len as isize - 1 - shift;
+    let hi = if last < 0 {
+        0
+    } else {
+        (last as usize / stride + 1).min(in_len)
+    };
+    (lo.min(hi), hi, shift)
+}
+
 /// GEMM for conv_transpose: writes `c = a^T @ b` where a is [k,m] and b is [k,n].
 type ConvTransposeGemmFn<T> = fn(&mut [T], &[T], &[T], usize, usize, usize);
 
@@ -205,7 +231,7 @@ fn conv_transpose3d_impl<T: bytemuck::Pod + Clone + Copy + Send + Sync + burn_ba
     dtype: DType,
     zero: T,
     gemm_fn: ConvTransposeGemmFn<T>,
-    add_fn: fn(T, T) -> T,
+    add_fn: impl Fn(T, T) -> T + Copy + Sync,
 ) -> FlexTensor {
     let x = x.to_contiguous();
     let weight = weight.to_contiguous();
@@ -269,10 +295,10 @@ fn conv_transpose3d_impl<T: bytemuck::Pod + Clone + Copy + Send + Sync + burn_ba
         .expect("conv_transpose: output dimensions would overflow");
     let mut output = vec![zero; output_size];
 
-    // Reuse columns buffer across (batch, group) iterations; GEMM overwrites it fully.
-    let mut columns = vec![zero; columns_len];
-
-    for b in 0..batch_size {
+    // One image of the batch: per group, columns = W_gᵀ·X_g, then col2im. Images write disjoint
+    // parts of the output, so they run in parallel, each with its own columns buffer.
+    let per_image = out_channels * out_spatial;
+    let image = |b: usize, out_image: &mut [T], columns: &mut [T]| {
         for g in 0..groups {
             let ic_start = g * in_channels_per_group;
             let oc_start = g * out_channels_per_group;
@@ -284,7 +310,7 @@ fn conv_transpose3d_impl<T: bytemuck::Pod + Clone + Copy + Send + Sync + burn_ba
             let w_group = &w_data[w_offset..w_offset + in_channels_per_group * col_ch];
 
             gemm_fn(
-                &mut columns,
+                columns,
                 w_group,
                 x_group,
                 col_ch,
@@ -292,10 +318,11 @@ fn conv_transpose3d_impl<T: bytemuck::Pod + Clone + Copy + Send + Sync + burn_ba
                 in_spatial,
             );
 
-            // col2im: scatter columns into output for this (batch, group)
-            let out_base = b * out_channels * out_spatial;
+            // col2im: add each column row into the output. For a kernel tap the valid input
+            // columns form one range, and with stride 1 their outputs are contiguous too: a
+            // slice add the compiler vectorises, instead of a bounds test per element.
             for oc in 0..out_channels_per_group {
-                let out_ch_base = out_base + (oc_start + oc) * out_spatial;
+                let out_ch_base = (oc_start + oc) * out_spatial;
                 let oc_col_base = oc * k_spatial;
 
                 for kd in 0..kernel_d {
@@ -303,42 +330,42 @@ fn conv_transpose3d_impl<T: bytemuck::Pod + Clone + Copy + Send + Sync + burn_ba
                         for kw in 0..kernel_w {
                             let k_idx = kd * kernel_h * kernel_w + kh * kernel_w + kw;
                             let col_base = (oc_col_base + k_idx) * in_spatial;
+                            let (lo, hi, shift) =
+                                tap_range(in_w, out_w, stride_w, kw * dilation_w, pad_w);
+                            if lo >= hi {
+                                continue;
+                            }
 
                             for id in 0..in_d {
                                 let od_raw = id * stride_d + kd * dilation_d;
-                                if od_raw < pad_d {
+                                if od_raw < pad_d || od_raw - pad_d >= out_d {
                                     continue;
                                 }
                                 let od = od_raw - pad_d;
-                                if od >= out_d {
-                                    continue;
-                                }
 
                                 for ih in 0..in_h {
                                     let oh_raw = ih * stride_h + kh * dilation_h;
-                                    if oh_raw < pad_h {
+                                    if oh_raw < pad_h || oh_raw - pad_h >= out_h {
                                         continue;
                                     }
                                     let oh = oh_raw - pad_h;
-                                    if oh >= out_h {
-                                        continue;
-                                    }
 
-                                    for iw in 0..in_w {
-                                        let ow_raw = iw * stride_w + kw * dilation_w;
-                                        if ow_raw < pad_w {
-                                            continue;
+                                    let src_row = col_base + (id * in_h + ih) * in_w;
+                                    let src = &columns[src_row + lo..src_row + hi];
+                                    let dst_row = out_ch_base + (od * out_h + oh) * out_w;
+                                    if stride_w == 1 {
+                                        let start =
+                                            (dst_row as isize + lo as isize + shift) as usize;
+                                        let dst = &mut out_image[start..start + (hi - lo)];
+                                        for (o, &v) in dst.iter_mut().zip(src) {
+                                            *o = add_fn(*o, v);
                                         }
-                                        let ow = ow_raw - pad_w;
-                                        if ow >= out_w {
-                                            continue;
+                                    } else {
+                                        for (i, &v) in src.iter().enumerate() {
+                                            let ow = ((lo + i) * stride_w) as isize + shift;
+                                            let o = &mut out_image[dst_row + ow as usize];
+                                            *o = add_fn(*o, v);
                                         }
-
-                                        let s = id * in_h * in_w + ih * in_w + iw;
-                                        let val = columns[col_base + s];
-                                        let out_idx =
-                                            out_ch_base + od * out_h * out_w + oh * out_w + ow;
-                                        output[out_idx] = add_fn(output[out_idx], val);
                                     }
                                 }
                             }
@@ -346,6 +373,26 @@ fn conv_transpose3d_impl<T: bytemuck::Pod + Clone + Copy + Send + Sync + burn_ba
                     }
                 }
             }
+        }
+    };
+
+    #[cfg(feature = "rayon")]
+    {
+        use rayon::prelude::*;
+        output
+            .par_chunks_mut(per_image.max(1))
+            .enumerate()
+            .for_each_init(
+                || vec![zero; columns_len],
+                |columns, (b, out_image)| image(b, out_image, columns),
+            );
+    }
+    #[cfg(not(feature = "rayon"))]
+    {
+        // Reuse the columns buffer across images; GEMM overwrites it fully.
+        let mut columns = vec![zero; columns_len];
+        for (b, out_image) in output.chunks_mut(per_image.max(1)).enumerate() {
+            image(b, out_image, &mut columns);
         }
     }
 
@@ -469,6 +516,88 @@ mod tests {
         let expected = [1.0f32, 3.0, 2.0, 4.0, 10.0, 6.0, 3.0, 7.0, 4.0];
         for (a, e) in out.iter().zip(expected.iter()) {
             assert!((a.to_f32() - e).abs() < 0.1);
+        }
+    }
+
+    /// Transposed 2-d convolution by its definition, in f64.
+    #[allow(clippy::too_many_arguments)]
+    fn naive(
+        x: &[f64],
+        w: &[f64],
+        [b, ci, h, wd]: [usize; 4],
+        [co_g, kh, kw]: [usize; 3],
+        o: &ConvTransposeOptions<2>,
+        [oh, ow]: [usize; 2],
+    ) -> Vec<f64> {
+        let g = o.groups;
+        let (ci_g, co) = (ci / g, co_g * g);
+        let mut out = vec![0.0; b * co * oh * ow];
+        for n in 0..b {
+            for c in 0..ci {
+                let grp = c / ci_g;
+                for y in 0..h {
+                    for xx in 0..wd {
+                        for oc in 0..co_g {
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    let oy = (y * o.stride[0] + ky * o.dilation[0]) as isize
+                                        - o.padding[0] as isize;
+                                    let ox = (xx * o.stride[1] + kx * o.dilation[1]) as isize
+                                        - o.padding[1] as isize;
+                                    if oy < 0 || ox < 0 || oy >= oh as isize || ox >= ow as isize {
+                                        continue;
+                                    }
+                                    let out_c = grp * co_g + oc;
+                                    out[((n * co + out_c) * oh + oy as usize) * ow
+                                        + ox as usize] += x[((n * ci + c) * h + y) * wd + xx]
+                                        * w[((c * co_g + oc) * kh + ky) * kw + kx];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Strides, paddings (input and output), dilations and groups against the definition; the
+    /// stride-1 case is the gradient of every 3×3 convolution.
+    #[test]
+    fn test_conv_transpose2d_matches_definition() {
+        let cases: [([usize; 2], [usize; 2], [usize; 2], [usize; 2], usize); 6] = [
+            ([1, 1], [1, 1], [0, 0], [1, 1], 1),
+            ([1, 1], [0, 2], [0, 0], [1, 1], 1),
+            ([2, 2], [1, 1], [1, 1], [1, 1], 1),
+            ([2, 3], [0, 1], [1, 0], [1, 2], 2),
+            ([1, 2], [2, 0], [0, 1], [2, 1], 2),
+            ([3, 1], [4, 3], [2, 0], [1, 1], 1),
+        ];
+        for (stride, padding, padding_out, dilation, groups) in cases {
+            let (b, ci, h, wd, co_g, kh, kw) = (2, 4, 5, 6, 3, 3, 2);
+            let x: Vec<f64> = (0..b * ci * h * wd)
+                .map(|i| ((i * 7) % 11) as f64 - 5.0)
+                .collect();
+            let w: Vec<f64> = (0..ci * co_g * kh * kw)
+                .map(|i| ((i * 5) % 13) as f64 - 6.0)
+                .collect();
+            let opts = ConvTransposeOptions::new(stride, padding, padding_out, dilation, groups);
+            let got = conv_transpose2d_f64(
+                FlexTensor::from_data(TensorData::new(x.clone(), vec![b, ci, h, wd])),
+                FlexTensor::from_data(TensorData::new(w.clone(), vec![ci, co_g, kh, kw])),
+                None,
+                &opts,
+            );
+            let shape = got.layout().shape().to_vec();
+            let want = naive(
+                &x,
+                &w,
+                [b, ci, h, wd],
+                [co_g, kh, kw],
+                &opts,
+                [shape[2], shape[3]],
+            );
+            assert_eq!(got.into_data().to_vec::<f64>().unwrap(), want, "{opts:?}");
         }
     }
 }
