@@ -11,8 +11,11 @@
 #   $FLAGS: global CLI flags (default --backend cpu); $DEVICES: training devices (default cpu:2,
 #   two CPU workers — the same batch and the same losses as one, 1.6× faster here).
 #   data     draw the training set (64,000 images, seed 0) and the evaluation set (19,200, seed 1)
-#   1rf      1-RF: 3,000 steps, batch 64, on independent (noise, image) draws   → models/stages/1-rf
-#   ...      the later stages (pairs, 2-RF, distill) are added as they are run
+#   1rf      1-RF from scratch: 800 steps, batch 64, on independent (noise, image) draws (one
+#            session here; the learning rate is constant after warm-up, so a longer run cut at
+#            step 800 is the same run)                                       → models/stages/1-rf
+#   ...      the later stages (1-RF continued from models/stages/1-rf with --init, pairs, 2-RF,
+#            distill) are added as they are run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:?usage: $0 data|1rf [RUNS_DIR]}
@@ -48,7 +51,7 @@ case $STAGE in
     "$0" data "$R"
     # --pooled-text: without it, 800 steps from scratch had not learned to follow the prompt at
     # all (the same image for "a red circle" and "a blue square"; docs/results.md).
-    train "$R/shapes-1rf" --data "$R/shapes32" --size small --pooled-text --steps 3000 --batch 64 \
+    train "$R/shapes-1rf" --data "$R/shapes32" --size small --pooled-text --steps 800 --batch 64 \
       --ema-decay 0.999 --devices "$DEVICES" --checkpoint-every 100 --half
     keep "$R/shapes-1rf" 1-rf
     ;;
