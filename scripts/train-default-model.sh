@@ -14,11 +14,13 @@
 #   1rf      1-RF from scratch: 800 steps, batch 64, on independent (noise, image) draws (one
 #            session here; the learning rate is constant after warm-up, so a longer run cut at
 #            step 800 is the same run)                                       → models/stages/1-rf
-#   ...      the later stages (1-RF continued from models/stages/1-rf with --init, pairs, 2-RF,
-#            distill) are added as they are run
+#   1rf-2    1-RF continued from models/stages/1-rf (--init: the weights; AdamW's moments and the
+#            warm-up start afresh; seed 1: other draws than stage 1's): 2,000 more steps at
+#            batch 64 (one session here, cut at step 2000 as stage 1)       → models/stages/1-rf-2
+#   ...      the later stages (pairs, 2-RF, distill) are added as they are run
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: $0 data|1rf [RUNS_DIR]}
+STAGE=${1:?usage: $0 data|1rf|1rf-2 [RUNS_DIR]}
 R=${2:-runs}
 FLAGS=${FLAGS:---backend cpu}
 DEVICES=${DEVICES:-cpu:2}
@@ -54,6 +56,12 @@ case $STAGE in
     train "$R/shapes-1rf" --data "$R/shapes32" --size small --pooled-text --steps 800 --batch 64 \
       --ema-decay 0.999 --devices "$DEVICES" --checkpoint-every 100 --half
     keep "$R/shapes-1rf" 1-rf
+    ;;
+  1rf-2)
+    "$0" data "$R"
+    train "$R/shapes-1rf-2" --init models/stages/1-rf --data "$R/shapes32" --steps 2000 \
+      --seed 1 --batch 64 --ema-decay 0.999 --devices "$DEVICES" --checkpoint-every 100 --half
+    keep "$R/shapes-1rf-2" 1-rf-2
     ;;
   *)
     echo "unknown stage $STAGE" >&2
