@@ -16,7 +16,7 @@ use num_traits::Float;
 use num_traits::ToPrimitive;
 
 use crate::ops::binary::binary_op;
-use crate::ops::unary::unary_op;
+use crate::ops::unary::{F32Map, map_f32_contiguous, sigmoid_f32, unary_op};
 use crate::{Flex, FlexTensor, Layout};
 
 impl ActivationOps<Flex> for Flex {
@@ -93,6 +93,10 @@ impl ActivationOps<Flex> for Flex {
     }
 
     fn sigmoid(tensor: FloatTensor<Flex>) -> FloatTensor<Flex> {
+        let tensor = match map_f32_contiguous(tensor, F32Map::Sigmoid) {
+            Ok(done) => return done,
+            Err(tensor) => tensor,
+        };
         unary_op(tensor, sigmoid_f32, sigmoid_f64)
     }
 
@@ -156,16 +160,6 @@ impl ActivationOps<Flex> for Flex {
 
     fn softmax(tensor: FloatTensor<Flex>, dim: usize) -> FloatTensor<Flex> {
         softmax(tensor, dim)
-    }
-}
-
-#[inline]
-fn sigmoid_f32(x: f32) -> f32 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
     }
 }
 

@@ -26,9 +26,10 @@ pub use portable::{
     CmpOp, abs_inplace_f32, add_inplace_f32, add_shared_row_inplace_f32, bool_and_inplace_u8,
     bool_and_u8, bool_not_inplace_u8, bool_not_u8, bool_or_inplace_u8, bool_or_u8,
     bool_xor_inplace_u8, bool_xor_u8, cmp_f32, cmp_scalar_f32, div_inplace_f32,
-    div_shared_row_inplace_f32, mask_fill_f32, mask_fill_f64, mask_fill_i64, mask_fill_u8,
-    mask_where_f32, mask_where_f64, mask_where_i64, mask_where_u8, mul_inplace_f32,
-    mul_shared_row_inplace_f32, recip_inplace_f32, sub_inplace_f32, sub_shared_row_inplace_f32,
+    div_shared_row_inplace_f32, exp_f32_into, exp_inplace_f32, mask_fill_f32, mask_fill_f64,
+    mask_fill_i64, mask_fill_u8, mask_where_f32, mask_where_f64, mask_where_i64, mask_where_u8,
+    mul_inplace_f32, mul_shared_row_inplace_f32, recip_inplace_f32, sigmoid_f32_into,
+    sigmoid_inplace_f32, sub_inplace_f32, sub_shared_row_inplace_f32,
 };
 
 // When simd feature disabled: use scalar fallback (bool ops + CmpOp only)

@@ -262,6 +262,74 @@ fn recip_inplace_f32_par(a: &mut [f32]) {
 }
 
 // ============================================================================
+// f32 exp and sigmoid
+// ============================================================================
+
+/// Below this many elements a map runs on the calling thread (each element costs ~20 flops,
+/// so the threshold is far lower than the memory-bound ops' one).
+#[cfg(feature = "rayon")]
+const MAP_PARALLEL_THRESHOLD: usize = 1 << 16;
+
+macro_rules! define_f32_map {
+    ($inplace:ident, $into:ident, $inplace_seq:ident, $into_seq:ident, $f:path) => {
+        /// In place over a slice, vectorised with the best instruction set found at run time,
+        /// on all cores for large slices.
+        pub fn $inplace(a: &mut [f32]) {
+            #[cfg(feature = "rayon")]
+            if a.len() >= MAP_PARALLEL_THRESHOLD {
+                a.par_chunks_mut(CHUNK_SIZE).for_each(|c| $inplace_seq(c));
+                return;
+            }
+            $inplace_seq(a);
+        }
+
+        /// From `src` into `dst` (same length), as the in-place version.
+        pub fn $into(src: &[f32], dst: &mut [f32]) {
+            debug_assert_eq!(src.len(), dst.len());
+            #[cfg(feature = "rayon")]
+            if src.len() >= MAP_PARALLEL_THRESHOLD {
+                dst.par_chunks_mut(CHUNK_SIZE)
+                    .zip(src.par_chunks(CHUNK_SIZE))
+                    .for_each(|(d, s)| $into_seq(s, d));
+                return;
+            }
+            $into_seq(src, dst);
+        }
+
+        // The scalar function is branch-free and inlined into a function compiled for the
+        // detected instruction set, where LLVM vectorises the loop.
+        #[macerator::with_simd]
+        fn $inplace_seq<S: Simd>(a: &mut [f32]) {
+            for x in a.iter_mut() {
+                *x = $f(*x);
+            }
+        }
+
+        #[macerator::with_simd]
+        fn $into_seq<S: Simd>(src: &[f32], dst: &mut [f32]) {
+            for (d, &x) in dst.iter_mut().zip(src) {
+                *d = $f(x);
+            }
+        }
+    };
+}
+
+define_f32_map!(
+    exp_inplace_f32,
+    exp_f32_into,
+    exp_inplace_f32_seq,
+    exp_f32_into_seq,
+    crate::ops::unary::exp_f32
+);
+define_f32_map!(
+    sigmoid_inplace_f32,
+    sigmoid_f32_into,
+    sigmoid_inplace_f32_seq,
+    sigmoid_f32_into_seq,
+    crate::ops::unary::sigmoid_f32
+);
+
+// ============================================================================
 // f32 comparison ops
 // ============================================================================
 
