@@ -1012,3 +1012,25 @@ fn shapes_data_and_eval_on_a_prompt_list_report_each_attribute() {
     fails(eval(&wrong, &dir.join("eval2")), "\"red apple\"");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The toy experiment is a pure function of its seed. It runs here rather than beside the code:
+/// the CPU backend's random source is one per process, and the library's unit tests draw from
+/// it on other threads at the same time.
+#[test]
+fn toy_experiment_same_seed_same_report() {
+    use burn::backend::{Autodiff, Flex};
+    use instaflow::toy::{ToyConfig, run};
+    let cfg = ToyConfig {
+        rf_steps: 40,
+        reflow_steps: 20,
+        distill_steps: 20,
+        pairs: 128,
+        eval_samples: 64,
+        straightness_steps: 10,
+        trajectories: 4,
+        ..ToyConfig::reduced()
+    };
+    let a = run::<Autodiff<Flex>>(&cfg, &Default::default(), &mut |_| {});
+    let b = run::<Autodiff<Flex>>(&cfg, &Default::default(), &mut |_| {});
+    assert_eq!(a, b);
+}
