@@ -17,13 +17,18 @@
 #   1rf-2    1-RF continued from models/stages/1-rf (--init: the weights; AdamW's moments and the
 #            warm-up start afresh; seed 1: other draws than stage 1's): 2,000 more steps at
 #            batch 64 (one session here, cut at step 2000 as stage 1)       → models/stages/1-rf-2
-#   ...      the later stages (pairs, 2-RF, distill) are added as they are run
+#   pairs-1  8,192 reflow pairs from models/stages/1-rf-2 (25 Euler steps, guidance 1.5), in
+#            $SHARDS (default 2) processes of one thread each: on two cores 2× the pairs per
+#            second of one process with two threads (small tensors; 50 min here) → $R/pairs-1rf
+#   2rf      2-RF: models/stages/1-rf-2 fine-tuned on those pairs                → models/stages/2-rf
+#   ...      the later stages (pairs from 2-RF, the distillations) are added as they are run
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: $0 data|1rf|1rf-2 [RUNS_DIR]}
+STAGE=${1:?usage: $0 data|1rf|1rf-2|pairs-1|2rf [RUNS_DIR]}
 R=${2:-runs}
 FLAGS=${FLAGS:---backend cpu}
 DEVICES=${DEVICES:-cpu:2}
+SHARDS=${SHARDS:-2}
 cargo build --release -q -p instaflow-cli
 I="./target/release/instaflow $FLAGS"
 mkdir -p "$R" models/stages
@@ -62,6 +67,23 @@ case $STAGE in
     train "$R/shapes-1rf-2" --init models/stages/1-rf --data "$R/shapes32" --steps 2000 \
       --seed 1 --batch 64 --ema-decay 0.999 --devices "$DEVICES" --checkpoint-every 100 --half
     keep "$R/shapes-1rf-2" 1-rf-2
+    ;;
+  pairs-1)
+    "$0" data "$R"
+    pids=()
+    for s in $(seq 0 $((SHARDS - 1))); do
+      RAYON_NUM_THREADS=1 $I reflow --model models/stages/1-rf-2 --data "$R/shapes32" \
+        --out "$R/pairs-1rf" --pairs 8192 --solver euler:25 --guidance 1.5 --batch 128 \
+        --chunk 256 --shard "$s/$SHARDS" &
+      pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p"; done
+    ;;
+  2rf)
+    "$0" pairs-1 "$R"
+    train "$R/shapes-2rf" --init models/stages/1-rf-2 --pairs "$R/pairs-1rf" --steps 1500 \
+      --seed 2 --batch 64 --ema-decay 0.999 --devices "$DEVICES" --checkpoint-every 100 --half
+    keep "$R/shapes-2rf" 2-rf
     ;;
   *)
     echo "unknown stage $STAGE" >&2

@@ -14,7 +14,7 @@ use indicatif::ProgressStyle;
 use instaflow::sd::source::ModelSource;
 use instaflow::sd::tokenizer::ClipTokenizer;
 use instaflow::training::data::ImageTextDataset;
-use instaflow::training::data_parallel::{Nodes, Replica, port_of, spawn_orchestrator};
+use instaflow::training::data_parallel::{CpuShare, Nodes, Replica, port_of, spawn_orchestrator};
 use instaflow::training::precision::Precision;
 use instaflow::training::reflow::PairSet;
 use instaflow::training::{
@@ -404,8 +404,11 @@ fn train<B: AutodiffBackend>(
                     .join_group(replica.clone())
                     .map_err(anyhow::Error::msg)?;
                 let (start, first) = (Instant::now(), trainer.step);
+                let share = CpuShare::of(local);
                 while trainer.step < steps {
-                    trainer.train_step(&data).map_err(anyhow::Error::msg)?;
+                    share
+                        .run(|| trainer.train_step(&data))
+                        .map_err(anyhow::Error::msg)?;
                     if trainer
                         .anyone(crate::interrupted())
                         .map_err(anyhow::Error::msg)?
@@ -468,8 +471,11 @@ fn train<B: AutodiffBackend>(
         .map_err(anyhow::Error::msg)?;
         write_losses(&trainer.losses, stage, &args.out)
     };
+    let share = CpuShare::of(local);
     while trainer.step < args.steps {
-        let loss = trainer.train_step(&data).map_err(anyhow::Error::msg)?;
+        let loss = share
+            .run(|| trainer.train_step(&data))
+            .map_err(anyhow::Error::msg)?;
         if let Some(w) = &watchdog {
             w.progress(Phase::Training);
         }

@@ -18,6 +18,40 @@ use burn_collective::{
     finish_collective, register,
 };
 
+/// A worker's share of this machine's CPU threads for the kernels it runs.
+///
+/// Workers of one machine that share rayon's global pool queue each operation behind the other
+/// workers' (every op of a small model is split over all threads, so both workers wait on both
+/// threads at every op); each worker instead runs its steps in its own pool of
+/// `threads / workers`, where `threads` is the global pool's size (`RAYON_NUM_THREADS` or the
+/// core count).
+pub struct CpuShare(Option<rayon::ThreadPool>);
+
+impl CpuShare {
+    /// The share of one of `workers` workers on this machine; the global pool when alone.
+    pub fn of(workers: usize) -> Self {
+        if workers <= 1 {
+            return Self(None);
+        }
+        let threads = (rayon::current_num_threads() / workers).max(1);
+        Self(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("worker-pool-{i}"))
+                .build()
+                .ok(),
+        )
+    }
+
+    /// Run `f` with its parallel work confined to this share.
+    pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.0 {
+            Some(pool) => pool.install(f),
+            None => f(),
+        }
+    }
+}
+
 /// The machines of a run, as seen from one of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Nodes {
