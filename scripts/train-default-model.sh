@@ -21,10 +21,15 @@
 #            $SHARDS (default 2) processes of one thread each: on two cores 2× the pairs per
 #            second of one process with two threads (small tensors; 50 min here) → $R/pairs-1rf
 #   2rf      2-RF: models/stages/1-rf-2 fine-tuned on those pairs                → models/stages/2-rf
-#   ...      the later stages (pairs from 2-RF, the distillations) are added as they are run
+#   distill-1rf  1-RF+distill: models/stages/1-rf-2 distilled on the pairs-1 set
+#                                                                   → models/stages/1-rf-distill
+#   pairs-2  8,192 pairs from models/stages/2-rf at guidance 1: 2-RF learned the guided teacher's
+#            distribution already, so both students aim at the same one     → $R/pairs-2rf
+#   distill-2rf  2-RF+distill (InstaFlow): models/stages/2-rf distilled on pairs-2
+#                                                                   → models/stages/2-rf-distill
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: $0 data|1rf|1rf-2|pairs-1|2rf [RUNS_DIR]}
+STAGE=${1:?usage: $0 data|1rf|1rf-2|pairs-1|2rf|distill-1rf|pairs-2|distill-2rf [RUNS_DIR]}
 R=${2:-runs}
 FLAGS=${FLAGS:---backend cpu}
 DEVICES=${DEVICES:-cpu:2}
@@ -33,13 +38,14 @@ cargo build --release -q -p instaflow-cli
 I="./target/release/instaflow $FLAGS"
 mkdir -p "$R" models/stages
 
-# Train into run folder $1 with the remaining arguments; resume when a checkpoint is there.
-train() {
-  local out=$1
-  shift
+# Run `instaflow $1` (train or distill) into run folder $2 with the remaining arguments; resume
+# when a checkpoint is there.
+fit() {
+  local cmd=$1 out=$2
+  shift 2
   local resume=()
   [ -d "$out/checkpoint" ] && resume=(--resume)
-  $I train --out "$out" "${resume[@]}" "$@"
+  $I "$cmd" --out "$out" "${resume[@]}" "$@"
 }
 
 # Copy a run's exported model to models/stages/$2.
@@ -58,13 +64,13 @@ case $STAGE in
     "$0" data "$R"
     # --pooled-text: without it, 800 steps from scratch had not learned to follow the prompt at
     # all (the same image for "a red circle" and "a blue square"; docs/results.md).
-    train "$R/shapes-1rf" --data "$R/shapes32" --size small --pooled-text --steps 800 --batch 64 \
+    fit train "$R/shapes-1rf" --data "$R/shapes32" --size small --pooled-text --steps 800 --batch 64 \
       --ema-decay 0.999 --devices "$DEVICES" --checkpoint-every 100 --half
     keep "$R/shapes-1rf" 1-rf
     ;;
   1rf-2)
     "$0" data "$R"
-    train "$R/shapes-1rf-2" --init models/stages/1-rf --data "$R/shapes32" --steps 2000 \
+    fit train "$R/shapes-1rf-2" --init models/stages/1-rf --data "$R/shapes32" --steps 2000 \
       --seed 1 --batch 64 --ema-decay 0.999 --devices "$DEVICES" --checkpoint-every 100 --half
     keep "$R/shapes-1rf-2" 1-rf-2
     ;;
@@ -79,11 +85,34 @@ case $STAGE in
     done
     for p in "${pids[@]}"; do wait "$p"; done
     ;;
+  pairs-2)
+    [ -d models/stages/2-rf ] || "$0" 2rf "$R"
+    pids=()
+    for s in $(seq 0 $((SHARDS - 1))); do
+      RAYON_NUM_THREADS=1 $I reflow --model models/stages/2-rf --data "$R/shapes32" \
+        --out "$R/pairs-2rf" --pairs 8192 --solver euler:25 --guidance 1 --batch 128 \
+        --chunk 256 --shard "$s/$SHARDS" &
+      pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p"; done
+    ;;
   2rf)
     "$0" pairs-1 "$R"
-    train "$R/shapes-2rf" --init models/stages/1-rf-2 --pairs "$R/pairs-1rf" --steps 1500 \
+    fit train "$R/shapes-2rf" --init models/stages/1-rf-2 --pairs "$R/pairs-1rf" --steps 1500 \
       --seed 2 --batch 64 --ema-decay 0.999 --devices "$DEVICES" --checkpoint-every 100 --half
     keep "$R/shapes-2rf" 2-rf
+    ;;
+  distill-1rf)
+    "$0" pairs-1 "$R"
+    fit distill "$R/shapes-1rf-distill" --init models/stages/1-rf-2 --pairs "$R/pairs-1rf" --steps 1500 \
+      --seed 3 --batch 64 --ema-decay 0.999 --devices "$DEVICES" --checkpoint-every 100 --half
+    keep "$R/shapes-1rf-distill" 1-rf-distill
+    ;;
+  distill-2rf)
+    "$0" pairs-2 "$R"
+    fit distill "$R/shapes-2rf-distill" --init models/stages/2-rf --pairs "$R/pairs-2rf" --steps 1500 \
+      --seed 3 --batch 64 --ema-decay 0.999 --devices "$DEVICES" --checkpoint-every 100 --half
+    keep "$R/shapes-2rf-distill" 2-rf-distill
     ;;
   *)
     echo "unknown stage $STAGE" >&2
