@@ -48,6 +48,17 @@ fit() {
   $I "$cmd" --out "$out" "${resume[@]}" "$@"
 }
 
+# 8,192 reflow pairs from model $1 into $2 at guidance $3 (25 Euler steps), one one-thread
+# process per shard.
+pairs() {
+  local pids=() s
+  for s in $(seq 0 $((SHARDS - 1))); do
+    RAYON_NUM_THREADS=1 $I reflow --model "$1" --data "$R/shapes32" --out "$2" --pairs 8192 \
+      --solver euler:25 --guidance "$3" --batch 128 --chunk 256 --shard "$s/$SHARDS" &
+    pids+=($!)
+  done
+  for s in "${pids[@]}"; do wait "$s"; done
+}
 # Copy a run's exported model to models/stages/$2.
 keep() {
   rm -rf "models/stages/$2"
@@ -76,25 +87,11 @@ case $STAGE in
     ;;
   pairs-1)
     "$0" data "$R"
-    pids=()
-    for s in $(seq 0 $((SHARDS - 1))); do
-      RAYON_NUM_THREADS=1 $I reflow --model models/stages/1-rf-2 --data "$R/shapes32" \
-        --out "$R/pairs-1rf" --pairs 8192 --solver euler:25 --guidance 1.5 --batch 128 \
-        --chunk 256 --shard "$s/$SHARDS" &
-      pids+=($!)
-    done
-    for p in "${pids[@]}"; do wait "$p"; done
+    pairs models/stages/1-rf-2 "$R/pairs-1rf" 1.5
     ;;
   pairs-2)
     [ -d models/stages/2-rf ] || "$0" 2rf "$R"
-    pids=()
-    for s in $(seq 0 $((SHARDS - 1))); do
-      RAYON_NUM_THREADS=1 $I reflow --model models/stages/2-rf --data "$R/shapes32" \
-        --out "$R/pairs-2rf" --pairs 8192 --solver euler:25 --guidance 1 --batch 128 \
-        --chunk 256 --shard "$s/$SHARDS" &
-      pids+=($!)
-    done
-    for p in "${pids[@]}"; do wait "$p"; done
+    pairs models/stages/2-rf "$R/pairs-2rf" 1
     ;;
   2rf)
     "$0" pairs-1 "$R"
