@@ -161,7 +161,7 @@ pub fn exit_on_device_failure() {
                 "error: the connection to another machine of the run was lost ({message}); the \
                  last checkpoint is kept"
             );
-            std::process::exit(1);
+            exit_now(1);
         }
         let what = if oom {
             "the compute device ran out of memory"
@@ -172,8 +172,24 @@ pub fn exit_on_device_failure() {
             "error: {what} ({message}). Try a smaller --width/--height or --batch, \
              --precision f16 on a GPU, or --backend cpu"
         );
-        std::process::exit(EXIT_OUT_OF_MEMORY.into());
+        exit_now(EXIT_OUT_OF_MEMORY.into());
     }));
+}
+
+/// Ends the process at once with `code`, from any thread. `std::process::exit` would run the C
+/// library's exit handlers, which tear down the GPU driver (Mesa's software Vulkan, LLVM) while
+/// its threads and the waiting main thread still use it: on some machines that crashed the
+/// process after the message, so the caller saw a signal instead of the exit code. Nothing is
+/// lost by skipping the handlers: stderr is unbuffered, stdout flushes whole lines, and
+/// checkpoints are written to a temporary name and renamed.
+pub fn exit_now(code: i32) -> ! {
+    #[cfg(unix)]
+    // SAFETY: `_exit` only ends the process; it touches no Rust state.
+    unsafe {
+        libc::_exit(code)
+    }
+    #[cfg(not(unix))]
+    std::process::exit(code)
 }
 
 #[cfg(test)]

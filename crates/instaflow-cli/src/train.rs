@@ -429,7 +429,7 @@ fn train<B: AutodiffBackend>(
                 Ok(report) => drop(reports.send(report)),
                 Err(e) => {
                     eprintln!("error: training worker {rank} ({worker_device:?}) failed: {e:#}");
-                    std::process::exit(1);
+                    crate::memory::exit_now(1);
                 }
             }
         });
@@ -618,7 +618,7 @@ impl Watchdog {
                     eprintln!(
                         "error: {why} within --peer-timeout {timeout} s; the last checkpoint is kept"
                     );
-                    std::process::exit(1);
+                    crate::memory::exit_now(1);
                 }
             }
         });
