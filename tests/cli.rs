@@ -203,6 +203,81 @@ fn help_explains_the_commands() {
     for word in ["toy", "bench-backends", "backends", "--backend"] {
         assert!(stdout.contains(word), "--help lacks {word}:\n{stdout}");
     }
+    // `generate --help` lists every prompt the built-in model knows.
+    let result = instaflow().args(["generate", "--help"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    let prompts: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(repo("models/instaflow-shapes/prompts.json")).unwrap(),
+    )
+    .unwrap();
+    let prompts = prompts.as_array().unwrap();
+    assert!(prompts.len() >= 40, "{} prompts", prompts.len());
+    assert!(
+        stdout.contains(&format!("knows these {} prompts", prompts.len())),
+        "{stdout}"
+    );
+    for p in prompts {
+        let p = p["prompt"].as_str().unwrap();
+        assert!(stdout.contains(p), "generate --help lacks {p:?}:\n{stdout}");
+    }
+}
+
+#[test]
+fn the_built_in_model_draws_what_its_prompts_name() {
+    // Real images of a seed neither the model nor the classifier saw (640, a thirtieth of the
+    // evaluation set), the committed classifier (trained by `instaflow eval` on real shapes only)
+    // and one-step samples of every published prompt × 8 seeds, with the noise of
+    // docs/results.md's evaluation: its recognisability figures.
+    let dir = temp_dir("builtin-eval");
+    let real = dir.join("real");
+    run_ok(
+        instaflow()
+            .args([
+                "data",
+                "shapes",
+                "--size",
+                "32",
+                "--per-class",
+                "10",
+                "--seed",
+                "9",
+            ])
+            .arg("--out")
+            .arg(&real),
+    );
+    let model = repo("models/instaflow-shapes");
+    run_ok(
+        instaflow()
+            .args(["--backend", "cpu", "eval", "--seeds", "8"])
+            .arg("--data")
+            .arg(&real)
+            .arg("--classifier")
+            .arg(repo(
+                "tests/fixtures/shapes-classifier/classifier.safetensors",
+            ))
+            .arg("--prompts")
+            .arg(model.join("prompts.json"))
+            .arg("--student")
+            .arg(format!("built-in={}", model.display()))
+            .arg("--out")
+            .arg(dir.join("eval")),
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("eval/eval.json")).unwrap()).unwrap();
+    let classifier = json["classifier_accuracy"].as_f64().unwrap();
+    assert!(
+        classifier >= 0.95,
+        "classifier held-out accuracy {classifier}"
+    );
+    let row = &json["rows"][0];
+    assert_eq!(row["steps"], 1, "{row}");
+    let class = row["accuracy"].as_f64().unwrap();
+    let colour = row["attributes"]["colour"].as_f64().unwrap();
+    assert!(
+        class >= 0.9 && colour >= 0.9,
+        "class {class}, colour {colour}: {row}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ---- instaflow generate ----
@@ -478,7 +553,7 @@ fn generate_rejects_bad_input_clearly() {
 
 #[test]
 fn convert_round_trips_the_built_in_model_and_refuses_to_overwrite() {
-    let builtin = repo("models/instaflow-emoji");
+    let builtin = repo("models/instaflow-shapes");
     let f32_dir = temp_dir("convert-f32");
     let f16_dir = temp_dir("convert-f16");
     for (from, to, dtype) in [(&builtin, &f32_dir, "f32"), (&f32_dir, &f16_dir, "f16")] {

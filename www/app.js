@@ -6,7 +6,7 @@
 
 import { InstaFlowWorker, clearCache, storageEstimate } from "/instaflow/index.js";
 
-const BUILTIN = new URL("/models/instaflow-emoji/", location.href).href;
+const BUILTIN = new URL("/models/instaflow-shapes/", location.href).href;
 /** The published InstaFlow-0.9B (diffusers layout on the Hugging Face Hub); `?hub=` points the
  * page at another Hub endpoint (a mirror, or a local test server). */
 const INSTAFLOW_09B = "hf:XCLiu/instaflow_0_9B_from_sd_1_5";
@@ -274,7 +274,7 @@ function loadSelected() {
     return;
   }
   folderLoaded = false;
-  load(query.get("model") ? new URL(query.get("model"), location.href).href : BUILTIN, query.get("model") ?? "the built-in emoji model");
+  load(query.get("model") ? new URL(query.get("model"), location.href).href : BUILTIN, query.get("model") ?? "the built-in shapes model");
 }
 
 $("model").addEventListener("change", loadSelected);

@@ -19,7 +19,7 @@ async function inBrowser(server, webgpu, backend) {
       async ({ backend, runs }) => {
         const { InstaFlow } = await import("/instaflow/index.js");
         const t0 = performance.now();
-        const gen = await InstaFlow.load("/models/instaflow-emoji/", { backend });
+        const gen = await InstaFlow.load("/models/instaflow-shapes/", { backend });
         const loadMs = performance.now() - t0;
         const first = (await gen.generate({ prompt: "red heart", seed: 0 })).timings.totalMs;
         const warm = [];
@@ -52,7 +52,7 @@ try {
   const nat = native("cpu");
   const row = (name, r) =>
     `| ${name} | ${median(r.warm.map((t) => t.totalMs)).toFixed(1)} | ${median(r.warm.map((t) => t.unetMs)).toFixed(1)} | ${r.first.toFixed(0)} | ${r.loadMs.toFixed(0)} |`;
-  console.log(`\nOne-step latency, built-in model (16×16, prompt → RGBA), median of ${RUNS} warm runs, ms:\n`);
+  console.log(`\nOne-step latency, built-in model (32×32, prompt → RGBA), median of ${RUNS} warm runs, ms:\n`);
   console.log("| where | per image | UNet | first image | load |");
   console.log("|---|---:|---:|---:|---:|");
   console.log(row("Chromium, WebGPU (SwiftShader, software)", gpu));

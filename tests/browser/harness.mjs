@@ -11,7 +11,7 @@ import { chromium } from "playwright-core";
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 export const XTASK = path.join(ROOT, "target/release/xtask");
 export const CLI = path.join(ROOT, "target/release/instaflow");
-export const MODEL = path.join(ROOT, "models/instaflow-emoji");
+export const MODEL = path.join(ROOT, "models/instaflow-shapes");
 /** Screenshots and other outputs worth keeping from a test run. */
 export const ARTIFACTS = path.join(ROOT, "target/browser-tests");
 fs.mkdirSync(ARTIFACTS, { recursive: true });

@@ -48,7 +48,7 @@ try {
 
 /** Serve `dir` with the built-in model at /model/, open it, and check what USE reports. */
 async function runPage(dir) {
-  const server = await serve([`/=${dir}`, `/model=${path.join(ROOT, "models/instaflow-emoji")}`]);
+  const server = await serve([`/=${dir}`, `/model=${path.join(ROOT, "models/instaflow-shapes")}`]);
   const b = await browser({ webgpu: true });
   try {
     const page = await b.page();
@@ -57,7 +57,7 @@ async function runPage(dir) {
     const result = await page.evaluate(() => window.result);
     assert.equal(result.error, undefined, result.error);
     assert.deepEqual(result.backends, ["webgpu", "cpu"]);
-    assert.deepEqual(result.size, [16, 16]);
+    assert.deepEqual(result.size, [32, 32]);
     assert.ok(result.same, "worker (WebGPU) and in-page (CPU) images differ");
   } finally {
     await b.close();

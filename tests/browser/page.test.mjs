@@ -50,7 +50,7 @@ test("the page turns a typed prompt into the native CLI's image (WebGPU)", async
   await page.type("#prompt", "blue circle", { delay: 30 });
   const state = await waitForImage(page, "blue circle");
   assert.equal(state.error, null, state.error);
-  assert.equal(state.last.width, 16);
+  assert.equal(state.last.width, 32);
   assert.ok(spread(state.last.rgba) > 10, `image looks blank (spread ${spread(state.last.rgba)})`);
   const native = await nativeImage(page, "blue circle");
   const diff = maxDiff(state.last.rgba, native.rgba);
@@ -135,7 +135,7 @@ test("without a WebGPU adapter the page falls back to the CPU and draws the same
 });
 
 test("API: the same noise gives the native CLI's latents within 1e-3 on both backends", async () => {
-  const shape = [1, 3, 16, 16];
+  const shape = [1, 3, 32, 32];
   const noise = gaussian(shape.reduce((a, b) => a * b), 42);
   const noiseFile = path.join(ARTIFACTS, "noise.safetensors");
   const latentsFile = path.join(ARTIFACTS, "native-latents.safetensors");
@@ -149,7 +149,7 @@ test("API: the same noise gives the native CLI's latents within 1e-3 on both bac
     const result = await page.evaluate(
       async ({ noise, backend }) => {
         const { InstaFlow } = await import("/instaflow/index.js");
-        const gen = await InstaFlow.load("/models/instaflow-emoji/", { backend });
+        const gen = await InstaFlow.load("/models/instaflow-shapes/", { backend });
         const out = await gen.generate({ prompt: "green tree", noise: new Float32Array(noise), latents: true });
         const shape = gen.noiseShape;
         gen.free();
@@ -172,7 +172,7 @@ test("a model folder chosen from disk loads and gives the same image", async () 
   const builtin = await waitForImage(page, "red heart");
   await page.selectOption("#model", "folder").catch(() => {}); // opens the picker; answered below
   await page.setInputFiles("#folder", MODEL);
-  await page.waitForFunction(() => /instaflow-emoji · /.test(document.getElementById("load-status").textContent), null, { timeout: 60_000 });
+  await page.waitForFunction(() => /instaflow-shapes · /.test(document.getElementById("load-status").textContent), null, { timeout: 60_000 });
   const state = await waitForImage(page, "red heart");
   assert.equal(state.error, null, state.error);
   assert.equal(maxDiff(state.last.rgba, builtin.last.rgba), 0);

@@ -203,7 +203,7 @@ test("loads can be cancelled, and a model loaded and freed five times (WebGPU in
           model.free();
         }
       }
-      const other = await InstaFlow.load("/models/instaflow-emoji/").catch((e) => e.message);
+      const other = await InstaFlow.load("/models/instaflow-shapes/").catch((e) => e.message);
       out.otherModel = typeof other === "string" ? other : "ok";
       return out;
     },

@@ -406,8 +406,8 @@ mod tests {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
         let m = Mounts::parse(&["/=www".into(), "/models=models".into()], &root).unwrap();
         assert_eq!(
-            m.resolve("/models/instaflow-emoji/unet/config.json?x=1"),
-            Some(root.join("models/instaflow-emoji/unet/config.json"))
+            m.resolve("/models/instaflow-shapes/unet/config.json?x=1"),
+            Some(root.join("models/instaflow-shapes/unet/config.json"))
         );
         assert_eq!(m.resolve("/"), Some(root.join("www/index.html")));
         assert_eq!(m.resolve("/models/../Cargo.toml"), None);
@@ -437,9 +437,9 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         std::thread::spawn(move || serve_forever(listener, server));
         let body =
-            std::fs::read_to_string(root.join("models/instaflow-emoji/unet/config.json")).unwrap();
+            std::fs::read_to_string(root.join("models/instaflow-shapes/unet/config.json")).unwrap();
         let answers: Vec<_> = (0..16)
-            .map(|_| std::thread::spawn(move || get(port, "/m/instaflow-emoji/unet/config.json")))
+            .map(|_| std::thread::spawn(move || get(port, "/m/instaflow-shapes/unet/config.json")))
             .collect();
         for a in answers {
             let text = a.join().unwrap();
@@ -477,10 +477,10 @@ mod tests {
     #[test]
     fn byte_ranges_etags_and_served_byte_counts() {
         let (port, server) = start(true);
-        let file = "/m/instaflow-emoji/unet/config.json";
+        let file = "/m/instaflow-shapes/unet/config.json";
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
         let body =
-            std::fs::read_to_string(root.join("models/instaflow-emoji/unet/config.json")).unwrap();
+            std::fs::read_to_string(root.join("models/instaflow-shapes/unet/config.json")).unwrap();
         let len = body.len();
         let r = request(port, &format!("GET {file} HTTP/1.1\r\nRange: bytes=2-5"));
         assert!(r.starts_with("HTTP/1.1 206 Partial Content\r\n"), "{r}");
@@ -517,10 +517,10 @@ mod tests {
         let (port, _) = start(false);
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
         let body =
-            std::fs::read_to_string(root.join("models/instaflow-emoji/unet/config.json")).unwrap();
+            std::fs::read_to_string(root.join("models/instaflow-shapes/unet/config.json")).unwrap();
         let r = request(
             port,
-            "GET /m/instaflow-emoji/unet/config.json HTTP/1.1\r\nRange: bytes=2-5",
+            "GET /m/instaflow-shapes/unet/config.json HTTP/1.1\r\nRange: bytes=2-5",
         );
         assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
         assert!(!r.contains("Accept-Ranges: bytes"), "{r}");

@@ -20,15 +20,16 @@ use instaflow::training::data::write_atomic;
 
 /// Options of `instaflow generate`.
 #[derive(Debug, Args)]
+#[command(after_long_help = embedded::prompts_help())]
 pub struct GenerateArgs {
     /// The text prompt (longer prompts are cut to CLIP's 75 tokens, with a warning).
     prompt: String,
     /// A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/), e.g. a local
     /// copy of XCLiu/instaflow_0_9B_from_sd_1_5 or `RUN/model` from `instaflow distill`. Without
-    /// it, the built-in one-step emoji model (16×16 pixels) is used. A Hugging Face id
-    /// (`hf:XCLiu/instaflow_0_9B_from_sd_1_5`, `@REVISION` optional) is read from the hub's local
-    /// cache (HF_HUB_CACHE / HF_HOME / ~/.cache/huggingface/hub, shared with Python's
-    /// huggingface_hub); files missing there are downloaded from HF_ENDPOINT (default
+    /// it, the built-in one-step shapes model (32×32 pixels; its prompts are listed below) is used.
+    /// A Hugging Face id (`hf:XCLiu/instaflow_0_9B_from_sd_1_5`, `@REVISION` optional) is read
+    /// from the hub's local cache (HF_HUB_CACHE / HF_HOME / ~/.cache/huggingface/hub, shared with
+    /// Python's huggingface_hub); files missing there are downloaded from HF_ENDPOINT (default
     /// https://huggingface.co, HF_TOKEN for gated models) unless HF_HUB_OFFLINE=1.
     #[arg(long)]
     model: Option<PathBuf>,
@@ -60,8 +61,8 @@ pub struct GenerateArgs {
     /// Output PNG (with --batch > 1: out-0.png, out-1.png, …).
     #[arg(long, default_value = "instaflow.png")]
     out: PathBuf,
-    /// Enlarge the PNG by this integer factor (nearest neighbour). Default: 1, or 16 for the
-    /// built-in 16×16 model.
+    /// Enlarge the PNG by this integer factor (nearest neighbour). Default: 1, or 8 for the
+    /// built-in 32×32 model (a 256×256 PNG).
     #[arg(long)]
     scale: Option<u32>,
     /// Also write the final latents (before decoding) as an f32 tensor named `latents`.
@@ -266,7 +267,7 @@ fn generate<B: Backend>(
     )?;
     let scale = args
         .scale
-        .unwrap_or(if args.model.is_none() { 16 } else { 1 });
+        .unwrap_or(if args.model.is_none() { 8 } else { 1 });
     let side = (w.max(h) as u64).saturating_mul((pipe.vae_scale as u64) * scale as u64);
     ensure!(
         side <= MAX_PNG_SIDE,
