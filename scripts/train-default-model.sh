@@ -21,11 +21,14 @@
 #            $SHARDS (default 2) processes of one thread each: on two cores 2× the pairs per
 #            second of one process with two threads (small tensors; 50 min here) → $R/pairs-1rf
 #   2rf      2-RF: models/stages/1-rf-2 fine-tuned on those pairs                → models/stages/2-rf
-#   distill-1rf  1-RF+distill: models/stages/1-rf-2 distilled on the pairs-1 set
-#                                                                   → models/stages/1-rf-distill
-#   pairs-2  8,192 pairs from models/stages/2-rf at guidance 1: 2-RF learned the guided teacher's
-#            distribution already, so both students aim at the same one     → $R/pairs-2rf
-#   distill-2rf  2-RF+distill (InstaFlow): models/stages/2-rf distilled on pairs-2
+#   distill-1rf  1-RF+distill: models/stages/1-rf-2 distilled on the pairs-1 set, 1,000 steps
+#            at batch 64 (the learning rate is constant after warm-up)  → models/stages/1-rf-distill
+#   pairs-2  8,192 pairs from models/stages/2-rf at guidance 1 (2-RF learned the guided teacher's
+#            distribution already, so both students aim at the same one) with 8 Euler steps, not
+#            25: 2-RF's paths are nearly straight (4 and 25 steps give the same class accuracy and
+#            FD within their noise), and less exact targets can only handicap this student
+#                                                                                  → $R/pairs-2rf
+#   distill-2rf  2-RF+distill (InstaFlow): models/stages/2-rf distilled on pairs-2, as distill-1rf
 #                                                                   → models/stages/2-rf-distill
 #   builtin  install models/stages/2-rf (one Euler step: 90.9% class, 98.2% colour over the 48
 #            prompts × 8 seeds, docs/results.md) as the built-in model → models/instaflow-shapes
@@ -50,13 +53,13 @@ fit() {
   $I "$cmd" --out "$out" "${resume[@]}" "$@"
 }
 
-# 8,192 reflow pairs from model $1 into $2 at guidance $3 (25 Euler steps), one one-thread
+# 8,192 reflow pairs from model $1 into $2 at guidance $3 with $4 Euler steps, one one-thread
 # process per shard.
 pairs() {
   local pids=() s
   for s in $(seq 0 $((SHARDS - 1))); do
     RAYON_NUM_THREADS=1 $I reflow --model "$1" --data "$R/shapes32" --out "$2" --pairs 8192 \
-      --solver euler:25 --guidance "$3" --batch 128 --chunk 256 --shard "$s/$SHARDS" &
+      --solver "euler:$4" --guidance "$3" --batch 128 --chunk 256 --shard "$s/$SHARDS" &
     pids+=($!)
   done
   for s in "${pids[@]}"; do wait "$s"; done
@@ -89,11 +92,11 @@ case $STAGE in
     ;;
   pairs-1)
     "$0" data "$R"
-    pairs models/stages/1-rf-2 "$R/pairs-1rf" 1.5
+    pairs models/stages/1-rf-2 "$R/pairs-1rf" 1.5 25
     ;;
   pairs-2)
     [ -d models/stages/2-rf ] || "$0" 2rf "$R"
-    pairs models/stages/2-rf "$R/pairs-2rf" 1
+    pairs models/stages/2-rf "$R/pairs-2rf" 1 8
     ;;
   2rf)
     "$0" pairs-1 "$R"
@@ -103,13 +106,13 @@ case $STAGE in
     ;;
   distill-1rf)
     "$0" pairs-1 "$R"
-    fit distill "$R/shapes-1rf-distill" --init models/stages/1-rf-2 --pairs "$R/pairs-1rf" --steps 1500 \
+    fit distill "$R/shapes-1rf-distill" --init models/stages/1-rf-2 --pairs "$R/pairs-1rf" --steps 1000 \
       --seed 3 --batch 64 --ema-decay 0.999 --devices "$DEVICES" --checkpoint-every 100 --half
     keep "$R/shapes-1rf-distill" 1-rf-distill
     ;;
   distill-2rf)
     "$0" pairs-2 "$R"
-    fit distill "$R/shapes-2rf-distill" --init models/stages/2-rf --pairs "$R/pairs-2rf" --steps 1500 \
+    fit distill "$R/shapes-2rf-distill" --init models/stages/2-rf --pairs "$R/pairs-2rf" --steps 1000 \
       --seed 3 --batch 64 --ema-decay 0.999 --devices "$DEVICES" --checkpoint-every 100 --half
     keep "$R/shapes-2rf-distill" 2-rf-distill
     ;;
