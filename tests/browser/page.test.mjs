@@ -56,7 +56,7 @@ test("the page turns a typed prompt into the native CLI's image (WebGPU)", async
   const diff = maxDiff(state.last.rgba, native.rgba);
   // 8-bit rounding of f32 results computed in a different order: at most one level apart.
   assert.ok(diff <= 2, `browser vs native: max pixel difference ${diff}`);
-  await page.screenshot({ path: path.join(ARTIFACTS, "page-webgpu.png") });
+  await page.screenshot({ path: path.join(ARTIFACTS, "page-webgpu.png"), fullPage: true });
   console.log(`webgpu: ${state.last.timings.totalMs.toFixed(0)} ms, max diff to native ${diff}`);
   await page.close();
 });
@@ -124,7 +124,7 @@ test("without a WebGPU adapter the page falls back to the CPU and draws the same
   const native = await nativeImage(page, "red heart");
   const diff = maxDiff(state.last.rgba, native.rgba);
   assert.ok(diff <= 2, `cpu fallback vs native: max pixel difference ${diff}`);
-  await page.screenshot({ path: path.join(ARTIFACTS, "page-cpu.png") });
+  await page.screenshot({ path: path.join(ARTIFACTS, "page-cpu.png"), fullPage: true });
   // Asking for WebGPU explicitly where there is none is an error that says so.
   const strict = await cpu.page();
   await strict.goto(`${server.url}?backend=webgpu`);

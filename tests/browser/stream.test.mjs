@@ -419,13 +419,15 @@ test("the page warns before downloading InstaFlow-0.9B, then streams it from the
     await page.waitForFunction(() => window.instaflowPage?.last || window.instaflowPage?.error, null, { timeout: 120_000 });
     assert.equal(await page.evaluate(() => window.instaflowPage.error), null);
     const before = (await (await fetch(`${hub.url}__stats`)).json()).bytes;
+    assert.equal(await page.isVisible("#big-model"), false, "the download warning shows only once the big model is chosen");
     await page.selectOption("#model", "instaflow-0.9b");
-    await page.waitForSelector("#big-model:not([hidden])");
+    await page.waitForSelector("#big-model", { state: "visible" });
     assert.match(await page.textContent("#big-model"), /about 4 GB/);
     await new Promise((r) => setTimeout(r, 500));
     const idle = (await (await fetch(`${hub.url}__stats`)).json()).bytes - before;
     assert.equal(idle, 0, "nothing is downloaded before the user agrees");
     await page.click("#big-model-go");
+    assert.equal(await page.isVisible("#big-model"), false);
     await page.waitForFunction(() => window.instaflowPage.last?.width === 64 || window.instaflowPage.error, null, { timeout: 120_000 });
     const state = await page.evaluate(() => window.instaflowPage);
     assert.equal(state.error, null, state.error);

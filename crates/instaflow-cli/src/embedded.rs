@@ -45,8 +45,12 @@ pub fn prompts_help() -> String {
     struct Entry {
         prompt: String,
     }
+    let (_, json) = FILES
+        .iter()
+        .find(|(path, _)| *path == "prompts.json")
+        .expect("the embedded model lists its prompts");
     let list: Vec<Entry> =
-        serde_json::from_slice(FILES[1].1).expect("the embedded prompts.json is valid");
+        serde_json::from_slice(json).expect("the embedded prompts.json is valid");
     let lines: Vec<String> = list
         .chunks(4)
         .map(|c| {
