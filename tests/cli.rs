@@ -165,6 +165,8 @@ fn quiet_runs_print_only_results_and_json_is_one_line() {
         "generate",
         "red heart",
         "--json",
+        "--repeats",
+        "3",
     ]));
     assert!(
         out.stderr.is_empty(),
@@ -177,6 +179,13 @@ fn quiet_runs_print_only_results_and_json_is_one_line() {
     assert_eq!(json["backend"], "cpu (flex)");
     assert_eq!(json["outputs"][0], "instaflow.png");
     assert!(json["timings_ms"]["total"].as_f64().unwrap() > 0.0);
+    let warm = &json["timings_ms"]["warm"];
+    assert_eq!(warm["runs"], 3, "{warm}");
+    assert!(warm["unet"].as_f64().unwrap() > 0.0, "{warm}");
+    assert!(
+        warm["total"].as_f64().unwrap() >= warm["unet"].as_f64().unwrap(),
+        "{warm}"
+    );
     assert!(dir.join("instaflow.png").is_file());
     let _ = std::fs::remove_dir_all(&dir);
 }

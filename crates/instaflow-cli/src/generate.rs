@@ -10,7 +10,7 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use clap::Args;
 use instaflow::sd::pipeline::{
-    GenerateOptions, Generated, GenerationStage, InitialNoise, StageHook, to_rgb8,
+    GenerateOptions, Generated, GenerationStage, InitialNoise, StageHook, Timings, to_rgb8,
 };
 use safetensors::Dtype;
 
@@ -80,6 +80,11 @@ pub struct GenerateArgs {
     /// memory is only checked against this when it is given).
     #[arg(long, value_parser = crate::memory::parse_size)]
     max_memory: Option<u64>,
+    /// After the image, generate it this many times more with the model loaded and report the
+    /// median of those runs (`timings_ms.warm` with --json): the time per image of a loaded model,
+    /// without the first run's one-time costs.
+    #[arg(long, default_value_t = 0)]
+    repeats: usize,
 }
 
 /// Most Euler steps one run takes (2-RF models use 10–25; InstaFlow 1).
@@ -188,6 +193,32 @@ impl<B: Backend> StageHook<B> for Report<'_> {
             GenerationStage::Decoded => crate::note!("decoded in {ms:.0} ms"),
         }
     }
+}
+
+/// Waits for each stage and reports nothing (the warm runs of `--repeats`).
+struct Settle;
+
+impl<B: Backend> StageHook<B> for Settle {
+    async fn settle(&mut self, probe: Tensor<B, 1>) -> Result<(), String> {
+        probe.into_data();
+        Ok(())
+    }
+}
+
+/// Median of the stage timings of `runs` (text encoding, all UNet steps, decoding, their sum).
+fn median_timings(runs: &[Timings]) -> serde_json::Value {
+    let median = |f: &dyn Fn(&Timings) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    serde_json::json!({
+        "runs": runs.len(),
+        "text_encode": median(&|t| t.encode_ms),
+        "unet": median(&Timings::unet_ms),
+        "decode": median(&|t| t.decode_ms),
+        "total": median(&|t| t.encode_ms + t.unet_ms() + t.decode_ms),
+    })
 }
 
 fn gb(bytes: u64) -> f64 {
@@ -303,11 +334,37 @@ fn generate<B: Backend>(
     let generated = futures_lite::future::block_on(pipe.generate(
         &args.prompt,
         &args.negative_prompt,
-        z0,
+        z0.clone(),
         opts,
         &mut hook,
     ))
     .map_err(anyhow::Error::msg)?;
+    let warm = (args.repeats > 0)
+        .then(|| -> Result<serde_json::Value> {
+            let mut runs = Vec::with_capacity(args.repeats);
+            for _ in 0..args.repeats {
+                let again = futures_lite::future::block_on(pipe.generate(
+                    &args.prompt,
+                    &args.negative_prompt,
+                    z0.clone(),
+                    opts,
+                    &mut Settle,
+                ))
+                .map_err(anyhow::Error::msg)?;
+                runs.push(again.timings);
+            }
+            let warm = median_timings(&runs);
+            crate::note!(
+                "warm, median of {} runs: text {:.1} ms, UNet {:.1} ms, decode {:.1} ms, {:.1} ms in all",
+                args.repeats,
+                warm["text_encode"].as_f64().unwrap_or_default(),
+                warm["unet"].as_f64().unwrap_or_default(),
+                warm["decode"].as_f64().unwrap_or_default(),
+                warm["total"].as_f64().unwrap_or_default()
+            );
+            Ok(warm)
+        })
+        .transpose()?;
     let Generated {
         latents: z,
         pixels,
@@ -376,7 +433,7 @@ fn generate<B: Backend>(
             "backend": backend, "precision": format!("{:?}", args.precision).to_lowercase(), "steps": opts.steps, "guidance": opts.guidance,
             "seed": if args.noise.is_some() { None } else { Some(args.seed) },
             "width": ww * scale as usize, "height": hh * scale as usize, "batch": b, "outputs": outputs, "latents": latents_out,
-            "timings_ms": { "load": load_ms, "text_encode": timings.encode_ms, "unet_steps": timings.step_ms, "decode": timings.decode_ms, "total": total_ms },
+            "timings_ms": { "load": load_ms, "text_encode": timings.encode_ms, "unet_steps": timings.step_ms, "decode": timings.decode_ms, "total": total_ms, "warm": warm },
             "device_memory_bytes": memory.0.map(|(reserved, used)| serde_json::json!({
                 "weights": weights_bytes, "peak_in_use": used, "peak_reserved": reserved,
             })),
