@@ -9,7 +9,8 @@
 #
 # Usage: scripts/train-default-model.sh STAGE [RUNS_DIR]
 #   $FLAGS: global CLI flags (default --backend cpu); $DEVICES: training devices (default cpu:2,
-#   two CPU workers — the same batch and the same losses as one, 1.6× faster here).
+#   two CPU workers — the same batch and the same losses as one, 1.6× faster here);
+#   $DISTILL_SEED: training seed of the distill stages (default 3).
 #   data     draw the training set (64,000 images, seed 0) and the evaluation set (19,200, seed 1)
 #   1rf      1-RF from scratch: 800 steps, batch 64, on independent (noise, image) draws (one
 #            session here; the learning rate is constant after warm-up, so a longer run cut at
@@ -39,6 +40,10 @@ R=${2:-runs}
 FLAGS=${FLAGS:---backend cpu}
 DEVICES=${DEVICES:-cpu:2}
 SHARDS=${SHARDS:-2}
+# Training seed of both distillations; another seed (a second run, to measure training noise)
+# goes to its own run folder and stage name (…-seedN).
+DISTILL_SEED=${DISTILL_SEED:-3}
+RUN=$([ "$DISTILL_SEED" = 3 ] || echo "-seed$DISTILL_SEED")
 cargo build --release -q -p instaflow-cli
 I="./target/release/instaflow $FLAGS"
 mkdir -p "$R" models/stages
@@ -106,15 +111,15 @@ case $STAGE in
     ;;
   distill-1rf)
     "$0" pairs-1 "$R"
-    fit distill "$R/shapes-1rf-distill" --init models/stages/1-rf-2 --pairs "$R/pairs-1rf" --steps 1000 \
-      --seed 3 --batch 64 --ema-decay 0.999 --devices "$DEVICES" --checkpoint-every 100 --half
-    keep "$R/shapes-1rf-distill" 1-rf-distill
+    fit distill "$R/shapes-1rf-distill$RUN" --init models/stages/1-rf-2 --pairs "$R/pairs-1rf" --steps 1000 \
+      --seed "$DISTILL_SEED" --batch 64 --ema-decay 0.999 --devices "$DEVICES" --checkpoint-every 100 --half
+    keep "$R/shapes-1rf-distill$RUN" "1-rf-distill$RUN"
     ;;
   distill-2rf)
     "$0" pairs-2 "$R"
-    fit distill "$R/shapes-2rf-distill" --init models/stages/2-rf --pairs "$R/pairs-2rf" --steps 1000 \
-      --seed 3 --batch 64 --ema-decay 0.999 --devices "$DEVICES" --checkpoint-every 100 --half
-    keep "$R/shapes-2rf-distill" 2-rf-distill
+    fit distill "$R/shapes-2rf-distill$RUN" --init models/stages/2-rf --pairs "$R/pairs-2rf" --steps 1000 \
+      --seed "$DISTILL_SEED" --batch 64 --ema-decay 0.999 --devices "$DEVICES" --checkpoint-every 100 --half
+    keep "$R/shapes-2rf-distill$RUN" "2-rf-distill$RUN"
     ;;
   builtin)
     [ -d models/stages/2-rf ] || "$0" 2rf "$R"
