@@ -81,8 +81,8 @@ pub struct GenerateArgs {
     #[arg(long, value_parser = crate::memory::parse_size)]
     max_memory: Option<u64>,
     /// After the image, generate it this many times more with the model loaded and report the
-    /// median of those runs (`timings_ms.warm` with --json): the time per image of a loaded model,
-    /// without the first run's one-time costs.
+    /// median of those runs (`timings_ms.warm` with --json): the time per call of a loaded model
+    /// (all --batch images together), without the first run's one-time costs.
     #[arg(long, default_value_t = 0)]
     repeats: usize,
 }
