@@ -299,7 +299,7 @@ fn pairs<B: Backend>(
         made as f64 / seconds.max(1e-9),
         c.present,
         plan.total,
-        c.missing.len(),
+        c.missing,
         c.duplicates.len()
     );
     Ok(())

@@ -186,12 +186,38 @@ pub struct PairSet {
 pub struct PairCensus {
     /// Distinct ids present.
     pub present: usize,
-    /// Ids of the plan with no pair.
-    pub missing: Vec<usize>,
+    /// Number of the plan's ids with no pair.
+    pub missing: usize,
+    /// The smallest missing ids (at most [`PairCensus::SHOWN`]); a plan may name 100 M ids, so
+    /// the full list is never built.
+    pub first_missing: Vec<usize>,
     /// Ids found more than once.
     pub duplicates: Vec<usize>,
     /// Chunk files read.
     pub files: Vec<PathBuf>,
+}
+
+impl PairCensus {
+    /// How many missing ids a census keeps.
+    pub const SHOWN: usize = 5;
+}
+
+/// The `n` smallest ids in `0..total` that `seen` (all below `total`) lacks.
+fn first_gaps(seen: &BTreeSet<usize>, total: usize, n: usize) -> Vec<usize> {
+    let mut gaps = Vec::with_capacity(n);
+    let mut next = 0;
+    for &id in seen {
+        while next < id && gaps.len() < n {
+            gaps.push(next);
+            next += 1;
+        }
+        if gaps.len() == n {
+            return gaps;
+        }
+        next = id + 1;
+    }
+    gaps.extend((next..total).take(n - gaps.len()));
+    gaps
 }
 
 fn read_f32(
@@ -295,7 +321,8 @@ fn read_all(dir: &Path, with_data: bool) -> Result<(PairPlan, PairCensus, Vec<Ro
         census.files.push(path);
     }
     census.present = seen.len();
-    census.missing = (0..plan.total).filter(|i| !seen.contains(i)).collect();
+    census.missing = plan.total - census.present;
+    census.first_missing = first_gaps(&seen, plan.total, PairCensus::SHOWN);
     Ok((plan, census, rows))
 }
 
@@ -309,7 +336,7 @@ impl PairSet {
     /// ids are missing or duplicated.
     pub fn load(dir: &Path) -> Result<Self, DataError> {
         let (plan, census, mut rows) = read_all(dir, true)?;
-        if !census.missing.is_empty() || !census.duplicates.is_empty() {
+        if census.missing > 0 || !census.duplicates.is_empty() {
             return Err(invalid(
                 dir,
                 format!(
@@ -317,8 +344,8 @@ impl PairSet {
                      rerun `instaflow reflow` with the same settings to finish it",
                     census.present,
                     plan.total,
-                    census.missing.len(),
-                    census.missing.iter().take(5).collect::<Vec<_>>(),
+                    census.missing,
+                    census.first_missing,
                     census.duplicates.len()
                 ),
             ));
@@ -509,5 +536,16 @@ mod tests {
             p.chunks(1, 3),
             vec![vec![1, 4, 7, 10], vec![13, 16, 19, 22]]
         );
+    }
+
+    #[test]
+    fn first_gaps_finds_the_smallest_missing_ids_without_listing_them_all() {
+        let seen: BTreeSet<usize> = [0, 1, 3, 4, 7].into_iter().collect();
+        assert_eq!(first_gaps(&seen, 10, 5), vec![2, 5, 6, 8, 9]);
+        assert_eq!(first_gaps(&seen, 10, 2), vec![2, 5]);
+        assert_eq!(first_gaps(&seen, 8, 5), vec![2, 5, 6]);
+        assert_eq!(first_gaps(&BTreeSet::new(), MAX_PAIRS, 3), vec![0, 1, 2]);
+        let all: BTreeSet<usize> = (0..4).collect();
+        assert!(first_gaps(&all, 4, 5).is_empty());
     }
 }
