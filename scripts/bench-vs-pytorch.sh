@@ -5,6 +5,8 @@
 # them is given (PYTHON=…/bin/python), in one run. Prints medians, our/PyTorch ratios, GFLOP/s
 # (FLOPs counted by PyTorch's FlopCounterMode) and peak memory.
 #   PYTHON=V/bin/python scripts/bench-vs-pytorch.sh [--backend cpu] [--latent 64]
+# The stages run twice: as shipped, and with INSTAFLOW_CONV=im2col (3×3 convolutions without the
+# Winograd transform), so the two are compared in the same run.
 # Environment: REPEATS (default 3) timed runs per stage, BATCHES (default "1"; e.g. "1 4") batch
 # sizes of the end-to-end rows, MODEL (a diffusers folder; default: a random SD-1.5 f32 folder
 # made once under target/bench).
@@ -28,6 +30,9 @@ fi
 
 echo "stages: instaflow bench ($repeats runs each) …"
 $bin "$@" bench --latent "$latent" --repeats "$repeats" --json "$out/instaflow.json" >/dev/null
+echo "stages, 3×3 convolutions as im2col + gemm instead of Winograd ($repeats runs each) …"
+INSTAFLOW_CONV=im2col $bin "$@" bench --latent "$latent" --repeats "$repeats" \
+    --json "$out/instaflow-im2col.json" >/dev/null
 for b in $batches; do
     echo "end to end, batch $b: instaflow generate ($repeats runs) …"
     for ((r = 0; r < repeats; r++)); do
@@ -66,8 +71,11 @@ def row(name, a, b=None, flops=None):
     if flops:
         cells += f"{flops / 1e9:>9.1f}{flops / 1e9 / a:>14.1f}" + (f"{flops / 1e9 / b:>17.1f}" if b else "")
     print(cells)
+im2col = json.load(open(f"{out}/instaflow-im2col.json"))
 for key, name in [("text_encode", "text encode"), ("unet", "UNet forward"), ("vae_decode", "VAE decode")]:
     row(name, ours[f"{key}_s"], ref and ref[f"{key}_s"], ref and ref.get(f"{key}_flops"))
+    if key != "text_encode":
+        row("  … im2col convs", im2col[f"{key}_s"], ref and ref[f"{key}_s"], ref and ref.get(f"{key}_flops"))
 for b in batches:
     runs = [json.load(open(f"{out}/generate-b{b}-{r}.json")) for r in range(repeats)]
     total = statistics.median(r["timings_ms"]["total"] for r in runs) / 1e3

@@ -163,8 +163,9 @@ fn unet_config_json() {
         })?;
     });
     report("unet_config_json");
-    // Every input ran, and mutations kept enough configs valid to reach the model builder.
-    assert_eq!(runs.get(), CASES);
+    // Every input ran (plus the failures kept in proptest-regressions, replayed first for every
+    // target of this file), and mutations kept enough configs valid to reach the model builder.
+    assert!(runs.get() >= CASES, "{} runs", runs.get());
     assert!(parsed.get() > CASES / 20, "{} parsed", parsed.get());
 }
 

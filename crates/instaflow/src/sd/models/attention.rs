@@ -3,7 +3,7 @@
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::{Tensor, backend::Backend};
 
 use super::resnet::{conv2d, group_norm};
@@ -131,12 +131,8 @@ impl<B: Backend> FeedForward<B> {
 
     /// Apply the block to `[B, S, dim]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = self.proj_in.forward(x);
-        let [b, s, c2] = h.dims();
-        let half = c2 / 2;
-        let hidden = h.clone().slice([0..b, 0..s, 0..half]);
-        let gate = h.slice([0..b, 0..s, half..c2]);
-        self.proj_out.forward(hidden * gelu(gate))
+        self.proj_out
+            .forward(kernels::gelu_gate(self.proj_in.forward(x)))
     }
 }
 

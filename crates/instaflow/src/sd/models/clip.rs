@@ -3,12 +3,13 @@
 
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
-use burn::tensor::activation::{gelu, sigmoid};
+use burn::tensor::activation::gelu;
 use burn::tensor::{Int, Tensor, backend::Backend};
 use serde::Deserialize;
 
 use super::attention::{merge_heads, scaled_dot_product, split_heads};
 use super::config::{ConfigError, require};
+use crate::sd::kernels;
 
 /// The fields of a transformers `text_encoder/config.json` this implementation reads.
 #[derive(Debug, Clone, Deserialize)]
@@ -221,7 +222,7 @@ impl<B: Backend> ClipTextModel<B> {
             let h = if layer.mlp.gelu_exact {
                 gelu(h)
             } else {
-                h.clone() * sigmoid(h * 1.702)
+                kernels::quick_gelu(h)
             };
             x = x + layer.mlp.fc2.forward(h);
         }

@@ -4,7 +4,9 @@
 //! split across threads. flex's convolution re-flattens the weights, transposes the input to NHWC
 //! on one thread and packs the weights again for every 512-pixel tile; here the weights are used
 //! in their stored `[O, C·kh·kw]` layout, im2col is built in parallel in `[C·kh·kw, pixels]`
-//! order, and one multithreaded gemm writes straight into the NCHW output.
+//! order, and one multithreaded gemm writes straight into the NCHW output. 3×3 stride-1
+//! convolutions on images of 64×64 and more take the Winograd path ([`winograd`]) instead.
+//! The transformer activations (GEGLU, `quick_gelu`) are fused passes too ([`activation`]).
 //!
 //! Rust has no specialisation, so the fast path is chosen at run time: when the backend *is*
 //! `Flex` and the tensor is f32, its primitive is taken out, processed in place, and put back;
@@ -12,6 +14,11 @@
 //! hand because no crate offers these over burn's tensors.
 
 use std::any::{Any, TypeId};
+
+mod activation;
+mod winograd;
+
+pub use activation::{gelu_gate, quick_gelu};
 
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
@@ -68,6 +75,20 @@ fn for_each_chunk(data: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) 
         .for_each(|(i, c)| f(i, c));
 }
 
+/// Output pixels from which a 3×3 stride-1 convolution takes the Winograd path (64×64 and up:
+/// SD's UNet at its first level, the whole VAE decoder). Below it the weight transform (16/9 of
+/// the weights, every call) and the smaller products cost more than they save: the UNet at 64²
+/// latent took 6.12 s with this bound, 6.28 s from 32×32 and 6.58 s from 16×16.
+const WINOGRAD_MIN_PIXELS: usize = 4096;
+
+/// Whether 3×3 convolutions may take the Winograd path: `INSTAFLOW_CONV=im2col` turns it off, to
+/// time the two against each other in one run (`scripts/bench-vs-pytorch.sh`) or to check a
+/// suspect result.
+fn winograd_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("INSTAFLOW_CONV").map_or(true, |v| v != "im2col"))
+}
+
 /// Most im2col bytes built at once; larger images are processed in bands of output rows.
 const IM2COL_BYTES: usize = 64 << 20;
 
@@ -119,6 +140,24 @@ fn conv2d_f32(
     let k = c * kh * kw;
     let (x, weight) = (x.storage::<f32>(), weight.storage::<f32>());
     let mut out = vec![0.0f32; n * o * oh * ow];
+    let shape = [n, o, oh, ow];
+    if kh == 3 && kw == 3 && sh == 1 && sw == 1 && oh * ow >= WINOGRAD_MIN_PIXELS && winograd_on() {
+        let u = winograd::transform_weights(weight, o, c);
+        for b in 0..n {
+            winograd::conv3x3(
+                &x[b * c * h * w..(b + 1) * c * h * w],
+                &u,
+                bias,
+                &mut out[b * o * oh * ow..(b + 1) * o * oh * ow],
+                [c, o],
+                [h, w],
+                [top, left],
+                [oh, ow],
+                winograd::BAND_BYTES,
+            );
+        }
+        return flex_f32(out, shape);
+    }
     // A 1×1 stride-1 unpadded conv is a plain matrix product of the input.
     let direct = kh == 1 && kw == 1 && sh == 1 && sw == 1 && top + left + bottom + right == 0;
     let band = if direct {
@@ -189,9 +228,14 @@ fn conv2d_f32(
             });
         }
     }
+    flex_f32(out, shape)
+}
+
+/// A contiguous flex f32 tensor of `shape` holding `values`.
+fn flex_f32(values: Vec<f32>, shape: impl Into<burn::tensor::Shape>) -> FlexTensor {
     FlexTensor::new(
-        burn::tensor::Bytes::from_elems(out),
-        burn::backend::flex::Layout::contiguous([n, o, oh, ow].into()),
+        burn::tensor::Bytes::from_elems(values),
+        burn::backend::flex::Layout::contiguous(shape.into()),
         DType::F32,
     )
 }
