@@ -6,7 +6,8 @@
 //! in their stored `[O, C·kh·kw]` layout, im2col is built in parallel in `[C·kh·kw, pixels]`
 //! order, and one multithreaded gemm writes straight into the NCHW output. 3×3 stride-1
 //! convolutions on images of 64×64 and more take the Winograd path ([`winograd`]) instead.
-//! The transformer activations (GEGLU, `quick_gelu`) are fused passes too ([`activation`]).
+//! The transformer activations (GEGLU, `quick_gelu`) are fused passes too ([`activation`]), and
+//! `Linear` layers one gemm with the bias folded in ([`linear`]).
 //!
 //! Rust has no specialisation, so the fast path is chosen at run time: when the backend *is*
 //! `Flex` and the tensor is f32, its primitive is taken out, processed in place, and put back;
@@ -16,9 +17,11 @@
 use std::any::{Any, TypeId};
 
 mod activation;
+mod linear;
 mod winograd;
 
 pub use activation::{gelu_gate, quick_gelu};
+pub use linear::linear;
 
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;
@@ -31,18 +34,23 @@ use burn::tensor::{DType, Tensor, TensorPrimitive, backend::Backend};
 /// `x`'s storage as a unique, contiguous flex f32 tensor, or `x` back when the backend is not
 /// flex or the tensor is not f32.
 fn take_flex<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<FlexTensor, Tensor<B, D>> {
-    if TypeId::of::<B>() != TypeId::of::<Flex>() || x.dtype() != DType::F32 {
-        return Err(x);
-    }
-    let primitive: Box<dyn Any> = Box::new(x.into_primitive().tensor());
-    let tensor = *primitive
-        .downcast::<FlexTensor>()
-        .expect("B is Flex, so its float primitive is a FlexTensor");
+    let tensor = take_flex_view(x)?;
     // A strided or partial view is copied once (otherwise this shares the buffer); once the
     // original is dropped, a buffer nobody else holds is written in place, a shared one is copied.
     let whole = tensor.to_contiguous();
     drop(tensor);
     Ok(whole)
+}
+
+/// `x`'s flex f32 primitive as it is (possibly a strided view), or `x` back.
+fn take_flex_view<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<FlexTensor, Tensor<B, D>> {
+    if TypeId::of::<B>() != TypeId::of::<Flex>() || x.dtype() != DType::F32 {
+        return Err(x);
+    }
+    let primitive: Box<dyn Any> = Box::new(x.into_primitive().tensor());
+    Ok(*primitive
+        .downcast::<FlexTensor>()
+        .expect("B is Flex, so its float primitive is a FlexTensor"))
 }
 
 /// The inverse of [`take_flex`].

@@ -104,10 +104,13 @@ impl<B: Backend> Attention<B> {
     /// Attend from `x` `[B, S, C]` to `context` (`x` itself when `None`).
     pub fn forward(&self, x: Tensor<B, 3>, context: Option<&Tensor<B, 3>>) -> Tensor<B, 3> {
         let ctx = context.cloned().unwrap_or_else(|| x.clone());
-        let q = split_heads(self.to_q.forward(x), self.heads);
-        let k = split_heads(self.to_k.forward(ctx.clone()), self.heads);
-        let v = split_heads(self.to_v.forward(ctx), self.heads);
-        self.to_out[0].forward(merge_heads(scaled_dot_product(q, k, v, None)))
+        let q = split_heads(kernels::linear(&self.to_q, x), self.heads);
+        let k = split_heads(kernels::linear(&self.to_k, ctx.clone()), self.heads);
+        let v = split_heads(kernels::linear(&self.to_v, ctx), self.heads);
+        kernels::linear(
+            &self.to_out[0],
+            merge_heads(scaled_dot_product(q, k, v, None)),
+        )
     }
 }
 
@@ -131,8 +134,8 @@ impl<B: Backend> FeedForward<B> {
 
     /// Apply the block to `[B, S, dim]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.proj_out
-            .forward(kernels::gelu_gate(self.proj_in.forward(x)))
+        let h = kernels::gelu_gate(kernels::linear(&self.proj_in, x));
+        kernels::linear(&self.proj_out, h)
     }
 }
 

@@ -197,64 +197,25 @@ fn file_bytes(source: &ModelSource, rel: &str) -> Result<bytes::Bytes, WeightsEr
         .map_err(|e| unreadable(e.message))
 }
 
-/// The values of `t` (stored in `file`) as a `[rows, rest]` tensor in the float type `float`,
-/// transposed when `transpose` (PyTorch stores Linear weights `[out, in]`, burn `[in, out]`).
-/// Untransposed tensors whose dtype matches are the file's own bytes (no copy); the others are
-/// converted or transposed into a new buffer.
-fn tensor_data(file: &bytes::Bytes, t: &HeaderTensor, float: DType, transpose: bool) -> TensorData {
+/// The values of `t` (stored in `file`) as a `[rows, rest]` tensor in the float type `float`.
+/// Tensors whose dtype matches are the file's own bytes (no copy); the others are converted into
+/// a new buffer.
+fn tensor_data(file: &bytes::Bytes, t: &HeaderTensor, float: DType) -> TensorData {
     let rows = t.shape.first().copied().unwrap_or(1);
     let cols = t.shape.iter().skip(1).product::<usize>();
     let raw = file.slice(t.start as usize..t.end as usize);
     let aligned = (raw.as_ptr() as usize).is_multiple_of(t.dtype.size());
-    if !transpose && t.dtype == float && aligned {
+    if t.dtype == float && aligned {
         let bytes = Bytes::from_shared(raw, AllocationProperty::File);
         return TensorData::from_bytes(bytes, [rows, cols], float);
     }
     let values = match t.dtype {
-        DType::F32 if aligned => std::borrow::Cow::Borrowed(bytemuck::cast_slice::<u8, f32>(&raw)),
-        DType::F16 => crate::sd::convert::floats(safetensors::Dtype::F16, &raw)
-            .expect("float")
-            .into(),
-        DType::BF16 => crate::sd::convert::floats(safetensors::Dtype::BF16, &raw)
-            .expect("float")
-            .into(),
-        _ => crate::sd::convert::floats(safetensors::Dtype::F32, &raw)
-            .expect("float")
-            .into(),
+        DType::F32 if aligned => bytemuck::cast_slice::<u8, f32>(&raw).to_vec(),
+        DType::F16 => crate::sd::convert::floats(safetensors::Dtype::F16, &raw).expect("float"),
+        DType::BF16 => crate::sd::convert::floats(safetensors::Dtype::BF16, &raw).expect("float"),
+        _ => crate::sd::convert::floats(safetensors::Dtype::F32, &raw).expect("float"),
     };
-    let data = if transpose {
-        // A strided view would cost nothing here but slows every product with it (gemm reads a
-        // column-major right-hand side far less efficiently): transpose once, in cache blocks.
-        TensorData::new(transposed(&values, rows, cols), [cols, rows])
-    } else {
-        TensorData::new(values.into_owned(), [rows, cols])
-    };
-    data.convert_dtype(float)
-}
-
-/// `values` (`rows`×`cols`, row-major) transposed, in 32×32 blocks, output rows in parallel.
-fn transposed(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    use rayon::prelude::*;
-    const BLOCK: usize = 32;
-    let mut out = vec![0f32; values.len()];
-    if values.is_empty() {
-        return out;
-    }
-    out.par_chunks_mut(BLOCK * rows)
-        .enumerate()
-        .for_each(|(jb, band)| {
-            let j0 = jb * BLOCK;
-            let width = band.len() / rows;
-            for i0 in (0..rows).step_by(BLOCK) {
-                for j in 0..width {
-                    let dst = &mut band[j * rows + i0..j * rows + (i0 + BLOCK).min(rows)];
-                    for (d, i) in dst.iter_mut().zip(i0..) {
-                        *d = values[i * cols + j0 + j];
-                    }
-                }
-            }
-        });
-    out
+    TensorData::new(values, [rows, cols]).convert_dtype(float)
 }
 
 /// Load `files` into `module`. Every parameter must be found exactly once with the right shape,
@@ -306,8 +267,16 @@ pub fn load<B: Backend, M: Module<B>>(
                     t.name, exp.file_shape, t.shape
                 ));
             } else if bad.is_empty() && unexpected.is_empty() {
-                let data = tensor_data(&bytes, &t, float, exp.transpose);
-                tensors.insert(exp.path.clone(), Tensor::<B, 2>::from_data(data, device));
+                let tensor = Tensor::<B, 2>::from_data(tensor_data(&bytes, &t, float), device);
+                // PyTorch stores Linear weights `[out, in]`, burn holds `[in, out]`: a transposed
+                // view, so the CPU backend keeps using the file's bytes (the products read either
+                // layout at the same speed, `kernels::linear`).
+                let tensor = if exp.transpose {
+                    tensor.transpose()
+                } else {
+                    tensor
+                };
+                tensors.insert(exp.path.clone(), tensor);
             }
         }
     }
@@ -350,20 +319,7 @@ mod tests {
     }
 
     #[test]
-    fn transposes_in_blocks_of_any_size() {
-        for (rows, cols) in [(1, 1), (3, 70), (33, 65), (64, 32), (0, 5)] {
-            let values: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
-            let t = transposed(&values, rows, cols);
-            for i in 0..rows {
-                for j in 0..cols {
-                    assert_eq!(t[j * rows + i], values[i * cols + j], "{rows}×{cols}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn tensor_bytes_are_shared_converted_or_transposed() {
+    fn tensor_bytes_are_shared_or_converted() {
         let values: Vec<f32> = (0..6).map(|v| v as f32 * 0.5).collect();
         // One spare byte first, so the same values are seen aligned and misaligned.
         let mut file = vec![0u8; 4];
@@ -384,20 +340,14 @@ mod tests {
         // The aligned test needs the buffer itself 4-aligned, which the allocator gives.
         assert_eq!(base % 4, 0);
         for t in [&aligned, &misaligned, &f16] {
-            let data = tensor_data(&file, t, DType::F32, false);
+            let data = tensor_data(&file, t, DType::F32);
             assert_eq!(data.shape.as_slice(), &[2, 3]);
             assert_eq!(data.to_vec::<f32>().unwrap(), values);
-            let data = tensor_data(&file, t, DType::F32, true);
-            assert_eq!(data.shape.as_slice(), &[3, 2]);
-            assert_eq!(
-                data.to_vec::<f32>().unwrap(),
-                vec![0.0, 1.5, 0.5, 2.0, 1.0, 2.5]
-            );
-            let data = tensor_data(&file, t, DType::F16, false);
+            let data = tensor_data(&file, t, DType::F16);
             assert_eq!(data.dtype, DType::F16);
         }
         // The aligned f32 tensor is the file's memory, not a copy.
-        let shared = tensor_data(&file, &aligned, DType::F32, false);
+        let shared = tensor_data(&file, &aligned, DType::F32);
         assert_eq!(shared.bytes.as_ptr() as usize, base + 4);
     }
 
