@@ -766,7 +766,9 @@ fn layer_norm_f32(
     {
         use rayon::prelude::*;
         const ROWS_PER_TASK: usize = 64;
-        let chunk_elems = ROWS_PER_TASK * d_model;
+        // At least 64 Ki elements per task: a smaller input (a text encoder's 77 tokens) runs on
+        // the calling thread instead of waking the pool, which cost more than the work.
+        let chunk_elems = ROWS_PER_TASK.max((1 << 16) / d_model) * d_model;
         match beta_data {
             Some(beta_slice) => {
                 out_slice

@@ -2,125 +2,193 @@
 //! and then a broadcast add (a second pass and allocation), and lets gemm split the work across
 //! threads itself, which it does poorly when there are few rows: CLIP's 77 tokens through its
 //! 768→3072 MLP ran at 67 GFLOP/s on two threads, slower than on one (71). Here each thread takes
-//! its own band of output columns (and of the weights): 134–150 GFLOP/s at 77 rows, 157 at 4,096.
+//! its own band of output columns (and of the weights): 113–135 GFLOP/s at 77 rows where gemm's
+//! split gave 59–98, the same as gemm's at 4,096 rows (144–160 against 152–157; `timing` below).
 
 use burn::nn::Linear;
 use burn::tensor::{Tensor, backend::Backend};
 
-use super::{flex_f32, give_flex, host_values, parallelism, take_flex, take_flex_view};
+use super::{flex_f32, give_flex, host_values, take_flex, take_flex_view};
 
 /// Multiply-adds under which a product runs on one thread (waking the others costs more).
 const SERIAL_MACS: usize = 1 << 20;
 
-/// `x · W + b` for `x` `[…, in]` through `linear` (weights stored `[in, out]`).
+/// `x · W + b` for `x` `[…, in]` through `linear` (weights held `[in, out]`).
 pub fn linear<B: Backend, const D: usize>(linear: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
-    let mut dims = x.dims();
+    let [y] = linears([linear], x);
+    y
+}
+
+/// Several layers applied to the same input (attention's q, k and v) in one parallel region, so
+/// the threads meet once instead of once per layer.
+pub fn linears<B: Backend, const D: usize, const N: usize>(
+    layers: [&Linear<B>; N],
+    x: Tensor<B, D>,
+) -> [Tensor<B, D>; N] {
+    let dims = x.dims();
     let x = match take_flex(x) {
         Ok(x) => x,
-        Err(x) => return linear.forward(x),
+        Err(x) => return layers.map(|layer| layer.forward(x.clone())),
     };
-    let Ok(weight) = take_flex_view(linear.weight.val()) else {
-        unreachable!("the input is a flex f32 tensor, so are the weights")
-    };
-    let [k, n] = [weight.layout().shape()[0], weight.layout().shape()[1]];
-    // Loaded weights are usually a transposed view of the file's `[out, in]` (no copy at load);
-    // gemm reads either layout at the same speed. Anything else is made contiguous.
-    let weight = match weight.layout().strides() {
-        &[rs, 1] if rs == n as isize => weight,
-        &[1, cs] if cs == k as isize => weight,
-        _ => weight.to_contiguous(),
-    };
-    let [rs, cs] = [weight.layout().strides()[0], weight.layout().strides()[1]];
-    let rhs = &weight.storage::<f32>()[weight.layout().start_offset()..];
+    let k = dims[D - 1];
     let m = dims.iter().product::<usize>() / k.max(1);
-    let bias = linear.bias.as_ref().map(|b| host_values(&b.val()));
-    let mut out = match &bias {
-        Some(bias) => bias.repeat(m),
-        None => vec![0.0f32; m * n],
-    };
-    matmul_into(
-        &mut out,
-        x.storage::<f32>(),
-        Rhs {
-            values: rhs,
-            row_stride: rs,
-            col_stride: cs,
-        },
-        [m, k, n],
-        bias.is_some(),
-    );
-    dims[D - 1] = n;
-    give_flex(flex_f32(out, dims))
+    let weights = layers.map(|layer| {
+        let Ok(weight) = take_flex_view(layer.weight.val()) else {
+            unreachable!("the input is a flex f32 tensor, so are the weights")
+        };
+        let n = weight.layout().shape()[1];
+        // Loaded weights are a transposed view of the file's `[out, in]` (no copy at load); gemm
+        // reads either layout at the same speed. Anything else is made contiguous.
+        match *weight.layout().strides() {
+            [rs, 1] if rs == n as isize => weight,
+            [1, cs] if cs == k as isize => weight,
+            _ => weight.to_contiguous(),
+        }
+    });
+    let widths = weights.each_ref().map(|w| w.layout().shape()[1]);
+    let mut outs: [Vec<f32>; N] = std::array::from_fn(|i| match &layers[i].bias {
+        Some(bias) => host_values(&bias.val()).repeat(m),
+        None => vec![0.0f32; m * widths[i]],
+    });
+    let products: Vec<Product> = (0..N)
+        .zip(outs.iter_mut())
+        .map(|(i, out)| {
+            let (weight, n) = (&weights[i], widths[i]);
+            let strides = weight.layout().strides();
+            let rhs = &weight.storage::<f32>()[weight.layout().start_offset()..];
+            let last = (k.max(1) - 1) as isize * strides[0] + (n.max(1) - 1) as isize * strides[1];
+            assert_eq!(
+                weight.layout().shape()[0],
+                k,
+                "Linear: input width ≠ weight rows"
+            );
+            assert!(out.len() == m * n && (rhs.len() as isize) > last);
+            Product {
+                out: Dst(out.as_mut_ptr()),
+                rhs,
+                row_stride: strides[0],
+                col_stride: strides[1],
+                n,
+                accumulate: layers[i].bias.is_some(),
+            }
+        })
+        .collect();
+    let lhs = x.storage::<f32>();
+    assert!(lhs.len() >= m * k);
+    run(&products, lhs, m, k);
+    drop(products);
+    let shapes = widths.map(|n| {
+        let mut shape = dims;
+        shape[D - 1] = n;
+        shape
+    });
+    let mut outs = outs.into_iter();
+    std::array::from_fn(|i| give_flex(flex_f32(outs.next().expect("one per layer"), shapes[i])))
 }
 
 /// A raw output pointer shared by the tasks that write disjoint column bands of it.
 #[derive(Clone, Copy)]
 struct Dst(*mut f32);
-// SAFETY: every task writes only its own columns (see `matmul_into`).
+// SAFETY: every task writes only its own columns (see `run`).
 unsafe impl Send for Dst {}
 unsafe impl Sync for Dst {}
 
-/// A `[k, n]` right-hand side: row-major, or the transpose of a row-major `[n, k]`.
-struct Rhs<'a> {
-    values: &'a [f32],
+/// One `out (+)= lhs · rhs`: `out` row-major `[m, n]`; `rhs` `[k, n]` with the given strides
+/// (row-major, or the transpose of a row-major `[n, k]`); added to `out` when `accumulate`.
+struct Product<'a> {
+    out: Dst,
+    rhs: &'a [f32],
     row_stride: isize,
     col_stride: isize,
+    n: usize,
+    accumulate: bool,
 }
 
-/// `out (+)= lhs · rhs` for row-major `lhs` `[m, k]` and `out` `[m, n]`; the product is added
-/// to `out`'s values when `accumulate`. Each thread takes a band of output columns (and the
-/// matching weights) with a single-threaded gemm: on two cores this measured 125–160 GFLOP/s
-/// where gemm's own split gave 67–147, worst with few rows.
-fn matmul_into(out: &mut [f32], lhs: &[f32], rhs: Rhs, [m, k, n]: [usize; 3], accumulate: bool) {
-    let last = (k.max(1) - 1) as isize * rhs.row_stride + (n.max(1) - 1) as isize * rhs.col_stride;
-    assert!(out.len() >= m * n && lhs.len() >= m * k && (rhs.values.len() as isize) > last);
-    let alpha = if accumulate { 1.0 } else { 0.0 };
-    // SAFETY: dst covers rows 0..m and columns j0..j0 + cols of `out` (row stride n); lhs is
-    // m × k (row stride k); rhs columns j0..j0 + cols of the k × n operand: all in bounds by the
-    // assert above.
-    let product = |dst: Dst, j0: usize, cols: usize, parallelism| unsafe {
-        gemm::gemm(
-            m,
-            cols,
-            k,
-            dst.0.add(j0),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            1,
-            k as isize,
-            rhs.values.as_ptr().offset(j0 as isize * rhs.col_stride),
-            rhs.col_stride,
-            rhs.row_stride,
-            alpha,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    };
-    let dst = Dst(out.as_mut_ptr());
-    let serial = m * n * k < SERIAL_MACS;
-    #[cfg(not(target_arch = "wasm32"))]
-    if !serial && rayon::current_num_threads() > 1 && n >= 32 {
-        use rayon::prelude::*;
-        // Bands of whole 16-column vectors, one per thread.
-        let threads = rayon::current_num_threads();
-        let band = n.div_ceil(threads).next_multiple_of(16);
-        (0..n.div_ceil(band)).into_par_iter().for_each(|i| {
-            let j0 = i * band;
-            product(dst, j0, band.min(n - j0), gemm::Parallelism::None)
-        });
-        return;
+impl Product<'_> {
+    /// Columns `j0..j0 + cols`.
+    ///
+    /// # Safety
+    /// `out` must hold `m × n` values, `rhs` the whole `[k, n]` operand, `lhs` `m × k`, and no
+    /// other task may write these columns meanwhile.
+    unsafe fn columns(
+        &self,
+        lhs: &[f32],
+        [m, k]: [usize; 2],
+        j0: usize,
+        cols: usize,
+        parallelism: gemm::Parallelism,
+    ) {
+        unsafe {
+            gemm::gemm(
+                m,
+                cols,
+                k,
+                self.out.0.add(j0),
+                1,
+                self.n as isize,
+                self.accumulate,
+                lhs.as_ptr(),
+                1,
+                k as isize,
+                self.rhs.as_ptr().offset(j0 as isize * self.col_stride),
+                self.col_stride,
+                self.row_stride,
+                if self.accumulate { 1.0 } else { 0.0 },
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            )
+        }
     }
-    let threads = if serial {
-        gemm::Parallelism::None
+}
+
+/// Every product with row-major `lhs` `[m, k]`. Each thread takes bands of output columns (and
+/// the matching weights) with a single-threaded gemm (see the module's note for why).
+fn run(products: &[Product], lhs: &[f32], m: usize, k: usize) {
+    let macs: usize = products.iter().map(|p| m * p.n * k).sum();
+    if macs < SERIAL_MACS {
+        one_thread(products, lhs, m, k);
     } else {
-        parallelism()
-    };
-    product(dst, 0, n, threads);
+        in_bands(products, lhs, m, k);
+    }
+}
+
+/// The products one after another on the calling thread.
+fn one_thread(products: &[Product], lhs: &[f32], m: usize, k: usize) {
+    for p in products {
+        // SAFETY: sizes checked by the caller; one product at a time.
+        unsafe { p.columns(lhs, [m, k], 0, p.n, gemm::Parallelism::None) };
+    }
+}
+
+/// Bands of whole 16-column vectors, one per thread and product, as parallel tasks.
+#[cfg(not(target_arch = "wasm32"))]
+fn in_bands(products: &[Product], lhs: &[f32], m: usize, k: usize) {
+    use rayon::prelude::*;
+    let threads = rayon::current_num_threads();
+    if threads == 1 {
+        return one_thread(products, lhs, m, k);
+    }
+    let bands: Vec<(usize, usize, usize)> = products
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| {
+            let band = p.n.div_ceil(threads).next_multiple_of(16).max(16);
+            (0..p.n.div_ceil(band)).map(move |b| (i, b * band, band.min(p.n - b * band)))
+        })
+        .collect();
+    bands.into_par_iter().for_each(|(i, j0, cols)| {
+        // SAFETY: sizes checked by the caller; bands of one product are disjoint columns.
+        unsafe { products[i].columns(lhs, [m, k], j0, cols, gemm::Parallelism::None) }
+    });
+}
+
+/// wasm32 has no threads here.
+#[cfg(target_arch = "wasm32")]
+fn in_bands(products: &[Product], lhs: &[f32], m: usize, k: usize) {
+    one_thread(products, lhs, m, k);
 }
 
 #[cfg(test)]
@@ -131,8 +199,9 @@ mod tests {
     use burn::nn::LinearConfig;
     use burn::tensor::Distribution;
 
-    /// Against burn's `Linear` on every path: few rows split by columns (with a last band
-    /// narrower than the others), many rows, tiny products, with and without bias.
+    /// Against burn's `Linear` on every path: few rows and many, bands of columns with a last
+    /// one narrower than the others, tiny products on one thread, with and without bias, alone
+    /// and grouped.
     #[test]
     fn matches_burns_linear() {
         let dev = device();
@@ -159,12 +228,15 @@ mod tests {
                     .pad((0, 3, 0, 0), 0.0)
                     .slice([0..k, 0..n]),
             );
-            for (layout, layer) in [
-                ("[in, out]", &layer),
-                ("[out, in]ᵀ", &transposed),
-                ("padded", &padded),
+            // One at a time and the three in one region.
+            let alone = linear(&layer, x.clone());
+            let [a, b, c] = linears([&layer, &transposed, &padded], x.clone());
+            for (layout, got) in [
+                ("alone", alone),
+                ("[in, out]", a),
+                ("[out, in]ᵀ", b),
+                ("padded", c),
             ] {
-                let got = linear(layer, x.clone());
                 assert_eq!(got.dims(), [1, rows, n]);
                 let got = to_vec(got);
                 let err = got
@@ -177,6 +249,61 @@ mod tests {
                     "{rows}×{k}→{n}, bias {bias}, {layout}: max |Δ| {err}"
                 );
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    /// Median GFLOP/s of the column bands against one gemm call splitting the threads itself,
+    /// and one thread, at the shapes of CLIP (77 rows) and of the UNet's 64×64 level:
+    /// `cargo test --release -p instaflow --lib linear::timing -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn bands_against_gemms_own_split() {
+        for [m, k, n] in [
+            [77, 768, 768],
+            [77, 768, 3072],
+            [77, 3072, 768],
+            [4096, 320, 2560],
+            [4096, 1280, 320],
+        ] {
+            let lhs: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+            let rhs: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
+            let mut out = vec![0.0f32; m * n];
+            let product = Product {
+                out: Dst(out.as_mut_ptr()),
+                rhs: &rhs,
+                row_stride: n as isize,
+                col_stride: 1,
+                n,
+                accumulate: false,
+            };
+            let gflops = |f: &dyn Fn()| {
+                let mut runs: Vec<f64> = (0..31)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        f();
+                        t.elapsed().as_secs_f64()
+                    })
+                    .collect();
+                runs.sort_by(f64::total_cmp);
+                2.0 * (m * n * k) as f64 / runs[runs.len() / 2] / 1e9
+            };
+            let products = [product];
+            let bands = gflops(&|| run(&products, &lhs, m, k));
+            // SAFETY: `out`, `rhs` and `lhs` hold the whole operands; one call at a time.
+            let own = gflops(&|| unsafe {
+                products[0].columns(&lhs, [m, k], 0, n, gemm::Parallelism::Rayon(0))
+            });
+            let one = gflops(&|| unsafe {
+                products[0].columns(&lhs, [m, k], 0, n, gemm::Parallelism::None)
+            });
+            eprintln!(
+                "{m}×{k}→{n}: bands {bands:.0} GFLOP/s, gemm's own split {own:.0}, one thread {one:.0}"
+            );
         }
     }
 }

@@ -21,7 +21,7 @@ mod linear;
 mod winograd;
 
 pub use activation::{gelu_gate, quick_gelu};
-pub use linear::linear;
+pub use linear::{linear, linears};
 
 use burn::backend::Flex;
 use burn::backend::flex::FlexTensor;

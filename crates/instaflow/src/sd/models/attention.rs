@@ -103,10 +103,14 @@ impl<B: Backend> Attention<B> {
 
     /// Attend from `x` `[B, S, C]` to `context` (`x` itself when `None`).
     pub fn forward(&self, x: Tensor<B, 3>, context: Option<&Tensor<B, 3>>) -> Tensor<B, 3> {
-        let ctx = context.cloned().unwrap_or_else(|| x.clone());
-        let q = split_heads(kernels::linear(&self.to_q, x), self.heads);
-        let k = split_heads(kernels::linear(&self.to_k, ctx.clone()), self.heads);
-        let v = split_heads(kernels::linear(&self.to_v, ctx), self.heads);
+        let [q, k, v] = match context {
+            None => kernels::linears([&self.to_q, &self.to_k, &self.to_v], x),
+            Some(ctx) => {
+                let [k, v] = kernels::linears([&self.to_k, &self.to_v], ctx.clone());
+                [kernels::linear(&self.to_q, x), k, v]
+            }
+        }
+        .map(|t| split_heads(t, self.heads));
         kernels::linear(
             &self.to_out[0],
             merge_heads(scaled_dot_product(q, k, v, None)),

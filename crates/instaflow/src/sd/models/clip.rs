@@ -209,9 +209,8 @@ impl<B: Backend> ClipTextModel<B> {
         for layer in &tm.encoder.layers {
             let a = &layer.self_attn;
             let h = layer.layer_norm1.forward(x.clone());
-            let q = split_heads(kernels::linear(&a.q_proj, h.clone()), a.heads);
-            let k = split_heads(kernels::linear(&a.k_proj, h.clone()), a.heads);
-            let v = split_heads(kernels::linear(&a.v_proj, h), a.heads);
+            let [q, k, v] = kernels::linears([&a.q_proj, &a.k_proj, &a.v_proj], h)
+                .map(|t| split_heads(t, a.heads));
             x = x + kernels::linear(
                 &a.out_proj,
                 merge_heads(scaled_dot_product(q, k, v, Some(mask.clone()))),
@@ -225,63 +224,5 @@ impl<B: Backend> ClipTextModel<B> {
             x = x + kernels::linear(&layer.mlp.fc2, h);
         }
         tm.final_layer_norm.forward(x)
-    }
-}
-
-#[cfg(test)]
-mod timing {
-    use super::*;
-    use crate::test_util::{TB, device};
-    use burn::tensor::Distribution;
-
-    fn ms(reps: usize, mut f: impl FnMut()) -> f64 {
-        f();
-        let t = std::time::Instant::now();
-        for _ in 0..reps {
-            f();
-        }
-        t.elapsed().as_secs_f64() * 1e3 / reps as f64
-    }
-
-    /// Milliseconds of the SD-1.5 text encoder and of its pieces at 77 tokens:
-    /// `cargo test --release -p instaflow --lib clip::timing -- --ignored --nocapture`
-    #[test]
-    #[ignore]
-    fn pieces() {
-        let dev = device();
-        let model = ClipTextConfig::sd15().init::<TB>(&dev).unwrap();
-        let ids = Tensor::<TB, 2, Int>::from_ints([[49406i32, 320, 1929, 49407]], &dev)
-            .pad((0, 73, 0, 0), 49407);
-        let whole = ms(10, || {
-            model.forward(ids.clone()).into_data();
-        });
-        let layer = &model.text_model.encoder.layers[0];
-        let x = Tensor::<TB, 3>::random([1, 77, 768], Distribution::Normal(0.0, 1.0), &dev);
-        let h = Tensor::<TB, 3>::random([1, 77, 3072], Distribution::Normal(0.0, 1.0), &dev);
-        let reps = 50;
-        let ln = ms(reps, || drop(layer.layer_norm1.forward(x.clone())));
-        let burn_fc1 = ms(reps, || drop(layer.mlp.fc1.forward(x.clone())));
-        let q = ms(reps, || {
-            drop(kernels::linear(&layer.self_attn.q_proj, x.clone()))
-        });
-        let fc1 = ms(reps, || drop(kernels::linear(&layer.mlp.fc1, x.clone())));
-        let fc2 = ms(reps, || drop(kernels::linear(&layer.mlp.fc2, h.clone())));
-        let gelu = ms(reps, || drop(kernels::quick_gelu(h.clone())));
-        let heads = split_heads(x.clone(), 12);
-        let mask = Tensor::<TB, 2>::full([77, 77], f32::MIN, &dev).triu(1);
-        let att = ms(reps, || {
-            drop(merge_heads(scaled_dot_product(
-                heads.clone(),
-                heads.clone(),
-                heads.clone(),
-                Some(mask.clone()),
-            )))
-        });
-        let add = ms(reps, || drop(x.clone() + x.clone()));
-        let per_layer = 2.0 * ln + 4.0 * q + fc1 + fc2 + gelu + att + 2.0 * add;
-        eprintln!(
-            "whole {whole:.1} ms; per layer (sum of pieces) {per_layer:.2} ms × 12 = {:.1}\n  layer_norm {ln:.3}, q/k/v/out each {q:.3}, fc1 {fc1:.3}, fc2 {fc2:.3}, quick_gelu {gelu:.3}, attention {att:.3}, add {add:.3}; fc1 as burn's Linear {burn_fc1:.3}",
-            per_layer * 12.0
-        );
     }
 }
