@@ -115,7 +115,8 @@ export interface GeneratedImage {
   latents?: Float32Array<ArrayBuffer>;
   /** Size of the wasm memory of the thread that ran it. */
   wasmMemoryBytes: number;
-  /** `InstaFlowWorker` only: set when this call replaced a crashed worker, saying what happened. */
+  /** `InstaFlowWorker` only: set when this call replaced a crashed worker (or one whose GPU device
+   * was lost), saying what happened. */
   recoveredFrom?: string;
 }
 

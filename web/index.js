@@ -63,9 +63,19 @@ function enqueue(line, run, signal, onAbort) {
   return result;
 }
 
-/** Turn a wasm trap into the Rust panic message that caused it. */
-function explain(error) {
+/**
+ * Turn a wasm trap into the Rust panic message that caused it, and any failure after the browser
+ * lost the GPU device into one error saying so (`deviceLost`; the model must be loaded again,
+ * which sets up a new device).
+ */
+function explain(error, onGpu) {
   const panic = globalThis.__instaflowPanic;
+  const lost = globalThis.__instaflowDeviceLost;
+  if (lost && onGpu && (error instanceof WebAssembly.RuntimeError || /GPU device was lost/.test(error?.message))) {
+    globalThis.__instaflowPanic = undefined;
+    const e = new Error(`the GPU device was lost (${lost}); the model must be loaded again`);
+    return Object.assign(e, { fatal: true, deviceLost: true });
+  }
   if (error instanceof WebAssembly.RuntimeError && panic) {
     globalThis.__instaflowPanic = undefined;
     const oom = /out of memory|OutOfMemory|memory allocation/i.test(panic);
@@ -79,6 +89,26 @@ function explain(error) {
   }
   if (error instanceof Error) return error;
   return new Error(String(error));
+}
+
+/** Calls waiting on the GPU, each ended when the browser reports the device lost (told by the
+ * wasm side): a loss during a generation can leave it waiting for a read-back that never comes. */
+const lostWaiters = new Set();
+globalThis.__instaflowOnDeviceLost = () => {
+  for (const end of lostWaiters) end();
+  lostWaiters.clear();
+};
+
+/** `call`, or a trap-like failure as soon as the GPU device is lost. */
+async function untilDeviceLost(call) {
+  let end;
+  const lost = new Promise((_, reject) => (end = () => reject(new WebAssembly.RuntimeError("the GPU device was lost"))));
+  lostWaiters.add(end);
+  try {
+    return await Promise.race([call, lost]);
+  } finally {
+    lostWaiters.delete(end);
+  }
 }
 
 /** A text-to-image model running in this thread. */
@@ -107,7 +137,7 @@ export class InstaFlow {
       stats.wasmMemoryBytes = wasmMemoryBytes();
       return new InstaFlow(model, stats);
     } catch (e) {
-      throw explain(e);
+      throw explain(e, backend !== "cpu");
     }
   }
 
@@ -142,12 +172,17 @@ export class InstaFlow {
       for (const [k, v] of [["width", width], ["height", height]]) {
         if (!Number.isInteger(v) || v < 0 || v > 4096) throw new Error(`generate: \`${k}\` must be a whole number of pixels up to 4096 (0: the model's size)`);
       }
+      const onGpu = this.#model.backend === "webgpu";
       let image;
       try {
-        image = await this.#model.generate(prompt, seed, noise, steps, guidance, latents, width, height);
+        const call = this.#model.generate(prompt, seed, noise, steps, guidance, latents, width, height);
+        image = await (onGpu ? untilDeviceLost(call) : call);
       } catch (e) {
-        const error = explain(e);
-        if (error.fatal) this.#broken = new Error(`${error.message} (load the model again)`);
+        // A trap on the GPU may come from the device going away; the browser's notice of the
+        // loss can arrive a moment after the failed read-back that trapped.
+        if (onGpu && e instanceof WebAssembly.RuntimeError) await new Promise((resolve) => setTimeout(resolve, 0));
+        const error = explain(e, onGpu);
+        if (error.fatal) this.#broken = error.deviceLost ? error : new Error(`${error.message} (load the model again)`);
         throw error;
       }
       const result = {
@@ -168,7 +203,11 @@ export class InstaFlow {
 
   /** Release the model's memory (GPU buffers and wasm heap). Generations already queued fail. */
   free() {
-    this.#model?.free();
+    try {
+      this.#model?.free();
+    } catch {
+      // After a trap the wasm side may refuse; its memory goes with the instance.
+    }
     this.#model = null;
     this.#broken = new Error("the model was freed");
   }
@@ -213,7 +252,7 @@ export class InstaFlowWorker {
       if (!call) return;
       if (data.progress) return call.onProgress?.(data.progress);
       this.#pending.delete(data.id);
-      const error = data.error && Object.assign(new Error(data.error), { fatal: data.fatal });
+      const error = data.error && Object.assign(new Error(data.error), { fatal: data.fatal, deviceLost: data.deviceLost });
       if (!error) return call.resolve(data.result);
       call.reject(error);
       // A trap leaves the worker's wasm instance unusable: replace the worker, not just the model.
@@ -316,8 +355,17 @@ export class InstaFlowWorker {
   generate({ signal, ...options } = {}) {
     const run = async () => {
       if (this.#freed) throw new Error("the model was freed");
-      const recovered = await this.#revive();
-      const result = await this.#call({ op: "generate", options });
+      let recovered = await this.#revive();
+      let result;
+      try {
+        result = await this.#call({ op: "generate", options });
+      } catch (e) {
+        // A lost GPU device (a driver reset, the GPU process restarted) is usually gone for good
+        // while a new one works: retry once in a new worker, which sets up a new device.
+        if (!e.deviceLost || recovered) throw e;
+        recovered = await this.#revive();
+        result = await this.#call({ op: "generate", options });
+      }
       if (recovered?.crashed) result.recoveredFrom = recovered.message;
       return result;
     };

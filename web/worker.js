@@ -6,6 +6,20 @@ import { InstaFlow } from "./index.js";
 
 let model = null;
 
+// A trap inside a GPU callback (a read-back failing because the device was just lost) belongs to
+// no call. Hold it a moment: the browser's device-lost notice follows and turns the call in flight
+// into a "device was lost" error (the caller then retries on a new device); without that notice,
+// it crashes the worker as any other uncaught error.
+let heldTrap = false;
+self.addEventListener("error", (event) => {
+  if (heldTrap || !(event.error instanceof WebAssembly.RuntimeError)) return;
+  heldTrap = true;
+  event.preventDefault();
+  setTimeout(() => {
+    if (!globalThis.__instaflowDeviceLost) throw event.error;
+  }, 250);
+});
+
 self.onmessage = async ({ data }) => {
   const { id, op } = data;
   try {
@@ -26,6 +40,6 @@ self.onmessage = async ({ data }) => {
       throw new Error(`unknown request ${op}`);
     }
   } catch (e) {
-    self.postMessage({ id, error: e?.message ?? String(e), fatal: Boolean(e?.fatal) });
+    self.postMessage({ id, error: e?.message ?? String(e), fatal: Boolean(e?.fatal), deviceLost: Boolean(e?.deviceLost) });
   }
 };

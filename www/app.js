@@ -94,7 +94,10 @@ async function pump() {
     if (current !== model) return; // the model was switched meanwhile
     show(image, job);
     clearError();
-    if (image.recoveredFrom) $("load-status").textContent += " · restarted after a crash";
+    if (image.recoveredFrom) {
+      const why = /GPU device was lost/.test(image.recoveredFrom) ? "the GPU device was lost" : "a crash";
+      $("load-status").textContent += ` · restarted after ${why}`;
+    }
     page.state = "ready";
   } catch (e) {
     if (current !== model) return;

@@ -296,6 +296,92 @@ test("generate calls are serialized and can be cancelled; a crashed worker is re
   await page.close();
 });
 
+test("a lost GPU device gives one clear error; loading again (in the page) or the next request (worker) works on a new device", async () => {
+  const page = await openPage();
+  const r = await page.evaluate(
+    async ({ prompt, SMALL }) => {
+      const { InstaFlow, InstaFlowWorker } = window.instaflow;
+      const diff = (a, b) => Math.max(...Array.from(a.latents, (x, i) => Math.abs(x - b.latents[i])));
+      const attempt = (promise) => promise.then(() => "ok", (e) => `${e.deviceLost ? "deviceLost " : ""}${e.message}`);
+      const devices = [];
+      const requestDevice = GPUAdapter.prototype.requestDevice;
+      GPUAdapter.prototype.requestDevice = async function (...args) {
+        const device = await requestDevice.apply(this, args);
+        devices.push(device);
+        return device;
+      };
+      const out = {};
+
+      // In the page: the device is lost between two generations.
+      let local = await InstaFlow.load("/mini/", { ...SMALL, backend: "webgpu" });
+      const reference = await local.generate({ prompt, seed: 1, latents: true });
+      devices.at(-1).destroy();
+      out.reason = (await devices.at(-1).lost).reason;
+      out.idleLoss = await attempt(local.generate({ prompt, seed: 1, latents: true }));
+      out.afterLoss = await attempt(local.generate({ prompt, seed: 1 }));
+      local.free();
+      local = await InstaFlow.load("/mini/", { ...SMALL, backend: "webgpu" });
+      out.reloaded = diff(await local.generate({ prompt, seed: 1, latents: true }), reference);
+      // ... and during one.
+      const running = local.generate({ prompt, seed: 1, latents: true });
+      await new Promise((resolve) => setTimeout(resolve, 0));
+      devices.at(-1).destroy();
+      out.runningLoss = await attempt(running);
+      local.free();
+      local = await InstaFlow.load("/mini/", { ...SMALL, backend: "webgpu" });
+      out.reloadedAgain = diff(await local.generate({ prompt, seed: 1, latents: true }), reference);
+      local.free();
+      out.pageDevices = devices.length;
+
+      // In a worker: the next request after a loss runs in a new worker on a new device.
+      const started = [];
+      const spawn = () => {
+        const w = new Worker("/device-losing-worker.js", { type: "module" });
+        started.push(w);
+        return w;
+      };
+      const remote = await InstaFlowWorker.load("/mini/", { ...SMALL, backend: "webgpu", worker: spawn });
+      const crashes = [];
+      remote.onCrash = (e) => crashes.push(e.message);
+      out.workerFirst = diff(await remote.generate({ prompt, seed: 1, latents: true }), reference);
+      const lost = new Promise((resolve) => started.at(-1).addEventListener("message", ({ data }) => data?.deviceLost && resolve(data.deviceLost)));
+      started.at(-1).postMessage({ destroyDevice: true });
+      out.workerReason = await lost;
+      const recovered = await remote.generate({ prompt, seed: 1, latents: true });
+      out.workerRecovered = diff(recovered, reference);
+      out.recoveredFrom = recovered.recoveredFrom;
+      // ... and during a generation.
+      const during = remote.generate({ prompt, seed: 1, latents: true });
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      started.at(-1).postMessage({ destroyDevice: true });
+      const again = await during;
+      out.workerDuring = diff(again, reference);
+      out.recoveredDuring = again.recoveredFrom;
+      out.crashes = crashes;
+      out.workers = started.length;
+      remote.free();
+      return out;
+    },
+    { prompt: PROMPT, SMALL },
+  );
+  assert.equal(r.reason, "destroyed");
+  assert.match(r.idleLoss, /^deviceLost the GPU device was lost \(Destroyed.*\); the model must be loaded again$/);
+  assert.match(r.afterLoss, /^deviceLost the GPU device was lost/, "the model stays refused until it is loaded again");
+  assert.ok(r.reloaded <= 1e-6, `loaded again on a new device: ${r.reloaded}`);
+  assert.match(r.runningLoss, /^deviceLost the GPU device was lost/);
+  assert.ok(r.reloadedAgain <= 1e-6, `loaded again after a loss during a generation: ${r.reloadedAgain}`);
+  assert.equal(r.pageDevices, 3);
+  assert.ok(r.workerFirst <= 1e-5);
+  assert.equal(r.workerReason, "destroyed");
+  assert.ok(r.workerRecovered <= 1e-5, `worker after the loss: ${r.workerRecovered}`);
+  assert.match(r.recoveredFrom, /the GPU device was lost/);
+  assert.ok(r.workerDuring <= 1e-5, `worker after a loss during a generation: ${r.workerDuring}`);
+  assert.match(r.recoveredDuring, /the GPU device was lost/);
+  assert.equal(r.crashes.length, 2);
+  assert.equal(r.workers, 3);
+  await page.close();
+});
+
 test("hf: ids read the Hugging Face Hub layout; a server that ignores Range or compresses still works", async () => {
   const page = await openPage();
   const hub = await loadAndGenerate(page, "hf:org/mini", { ...SMALL, cache: false, hfEndpoint: server.url });

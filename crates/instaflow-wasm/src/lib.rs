@@ -212,11 +212,16 @@ async fn choose_gpu(backend: &str) -> Result<bool, JsError> {
 }
 
 thread_local! {
-    /// burn's WebGPU runtime is set up once per page or worker: a second setup of the same device
-    /// panics, so loading a second model reuses the first setup.
-    static GPU_READY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The WebGPU device models are loaded onto. burn's WebGPU runtime is set up once per device
+    /// id (a second setup of the same id panics), so loading a second model reuses it; after the
+    /// browser loses it, the next load sets up a new device under a new id.
+    static GPU_DEVICE: std::cell::RefCell<Option<WgpuDevice>> = const { std::cell::RefCell::new(None) };
+    /// Devices set up so far (the next one's id).
+    static GPU_SETUPS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Devices the browser has lost, with its reason.
+    static GPU_LOST: std::cell::RefCell<Vec<(WgpuDevice, String)>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Whether the WebGPU device computes in f16: burn fixes a device's float type at its first
-    /// tensor, so the first model's precision holds for the page (or worker).
+    /// tensor, so the first model's precision holds for the device.
     static GPU_F16: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
     /// The WebGPU device's largest buffer in bytes (the smaller of `maxBufferSize` and
     /// `maxStorageBufferBindingSize`: burn binds every tensor as one storage buffer).
@@ -227,20 +232,80 @@ fn precision_name(f16: bool) -> &'static str {
     if f16 { "f16" } else { "f32" }
 }
 
-/// The WebGPU device, set up on first use to compute in f16 when `precision` asks for it (or is
-/// `"auto"` and the adapter has `shader-f16`), else in f32.
-async fn gpu_device(precision: &str) -> Result<WgpuDevice, JsError> {
-    let device = WgpuDevice::default();
-    if !GPU_READY.get() {
-        let setup = init_setup_async::<graphics::WebGpu>(&device, Default::default()).await;
-        let limits = setup.device.limits();
-        GPU_MAX_BUFFER.set(
-            limits
-                .max_buffer_size
-                .min(limits.max_storage_buffer_binding_size as u64),
-        );
-        GPU_READY.set(true);
+/// Why the browser lost `device` (a driver reset, the GPU process gone, `GPUDevice.destroy()`),
+/// or `None` while it works.
+fn gpu_lost(device: &WgpuDevice) -> Option<String> {
+    GPU_LOST.with_borrow(|lost| {
+        lost.iter()
+            .find(|(d, _)| d == device)
+            .map(|(_, why)| why.clone())
+    })
+}
+
+/// The error for work asked of a lost device. The JS wrapper recognises it (and a trap after a
+/// loss, through `globalThis.__instaflowDeviceLost`) and loads the model again on a new device.
+fn device_lost_error(why: &str) -> JsError {
+    JsError::new(&format!(
+        "the GPU device was lost ({why}); the model must be loaded again"
+    ))
+}
+
+/// Notes a lost device where the next call (and JavaScript, for a trap during a generation) sees it.
+fn record_loss(device: WgpuDevice, why: String) {
+    let _ = Reflect::set(
+        &js_sys::global(),
+        &"__instaflowDeviceLost".into(),
+        &why.as_str().into(),
+    );
+    web_sys_console_error(&format!("instaflow: the GPU device was lost: {why}"));
+    // A generation in flight may wait for a read-back that never comes: the JS wrapper ends it.
+    if let Ok(notify) = Reflect::get(&js_sys::global(), &"__instaflowOnDeviceLost".into())
+        .and_then(|f| f.dyn_into::<Function>().map_err(JsValue::from))
+    {
+        let _ = notify.call1(&JsValue::NULL, &why.as_str().into());
     }
+    GPU_LOST.with_borrow_mut(|lost| lost.push((device, why)));
+}
+
+/// The WebGPU device, set up on first use (or after a loss) to compute in f16 when `precision`
+/// asks for it (or is `"auto"` and the adapter has `shader-f16`), else in f32.
+async fn gpu_device(precision: &str) -> Result<WgpuDevice, JsError> {
+    let current = GPU_DEVICE.with_borrow(|d| d.clone());
+    let device = match current {
+        Some(device) if gpu_lost(&device).is_none() => device,
+        _ => {
+            // A fresh id: the lost device's runtime stays registered under the old one. On the web
+            // every id asks the browser for its high-performance adapter.
+            let n = GPU_SETUPS.get();
+            GPU_SETUPS.set(n + 1);
+            let device = if n == 0 {
+                WgpuDevice::default()
+            } else {
+                WgpuDevice::DiscreteGpu(n)
+            };
+            let setup = init_setup_async::<graphics::WebGpu>(&device, Default::default()).await;
+            let limits = setup.device.limits();
+            GPU_MAX_BUFFER.set(
+                limits
+                    .max_buffer_size
+                    .min(limits.max_storage_buffer_binding_size as u64),
+            );
+            let watched = device.clone();
+            setup
+                .device
+                .set_device_lost_callback(move |reason, message| {
+                    record_loss(watched.clone(), format!("{reason:?}: {message}"))
+                });
+            let _ = Reflect::set(
+                &js_sys::global(),
+                &"__instaflowDeviceLost".into(),
+                &JsValue::UNDEFINED,
+            );
+            GPU_F16.set(None);
+            GPU_DEVICE.set(Some(device.clone()));
+            device
+        }
+    };
     let supported = <WebGpu as Backend>::supports_dtype(&device, DType::F16);
     let want_f16 = match precision {
         "auto" => supported,
@@ -479,6 +544,9 @@ impl Loader {
     pub fn put(&mut self, index: u32, bytes: &[u8]) -> Result<(), JsError> {
         match &mut self.loading {
             Loading::Gpu(l, device) => {
+                if let Some(why) = gpu_lost(device) {
+                    return Err(device_lost_error(&why));
+                }
                 l.put(index as usize, bytes).map_err(js_error)?;
                 // burn's WebGPU runtime queues uploads, each holding its host copy, until 32 tasks
                 // have gathered; submitting now frees this piece's wasm memory before the next.
@@ -568,8 +636,16 @@ impl InstaFlow {
         };
         let mut image = match &self.engine {
             Engine::Gpu(pipe, device) => {
+                if let Some(why) = gpu_lost(device) {
+                    return Err(device_lost_error(&why));
+                }
                 let float_bytes = if GPU_F16.get() == Some(true) { 2 } else { 4 };
-                run(pipe, device, request, Memory::Gpu { float_bytes }).await?
+                let result = run(pipe, device, request, Memory::Gpu { float_bytes }).await;
+                // A loss during the run surfaces as whatever failed first; name the cause.
+                match gpu_lost(device) {
+                    Some(why) => return Err(device_lost_error(&why)),
+                    None => result?,
+                }
             }
             Engine::Cpu(pipe) => run(pipe, &Default::default(), request, Memory::Wasm).await?,
         };
