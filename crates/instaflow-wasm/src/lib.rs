@@ -260,7 +260,7 @@ fn record_loss(device: WgpuDevice, why: String) {
     web_sys_console_error(&format!("instaflow: the GPU device was lost: {why}"));
     // A generation in flight may wait for a read-back that never comes: the JS wrapper ends it.
     if let Ok(notify) = Reflect::get(&js_sys::global(), &"__instaflowOnDeviceLost".into())
-        .and_then(|f| f.dyn_into::<Function>().map_err(JsValue::from))
+        .and_then(|f| f.dyn_into::<Function>())
     {
         let _ = notify.call1(&JsValue::NULL, &why.as_str().into());
     }
