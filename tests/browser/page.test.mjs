@@ -26,6 +26,17 @@ after(async () => {
   server?.close();
 });
 
+/** The WebGPU page, kept open from test to test: a new page sets up a new GPU device, and compiles
+ * every shader again (half a minute on a software adapter). */
+let gpuPage;
+async function webgpuPage() {
+  if (!gpuPage) {
+    gpuPage = await gpu.page();
+    await gpuPage.goto(server.url);
+  }
+  return gpuPage;
+}
+
 /** The native CLI's image for `prompt` (seed 0, 1:1 pixels) as RGBA bytes. */
 async function nativeImage(page, prompt) {
   const out = path.join(ARTIFACTS, `native-${prompt.replace(/\W+/g, "_")}.png`);
@@ -41,8 +52,7 @@ function spread(rgba) {
 }
 
 test("the page turns a typed prompt into the native CLI's image (WebGPU)", async () => {
-  const page = await gpu.page();
-  await page.goto(server.url);
+  const page = await webgpuPage();
   const first = await waitForImage(page, "red heart");
   assert.equal(first.error, null, first.error);
   assert.equal(first.backend, "webgpu");
@@ -58,13 +68,11 @@ test("the page turns a typed prompt into the native CLI's image (WebGPU)", async
   assert.ok(diff <= 2, `browser vs native: max pixel difference ${diff}`);
   await page.screenshot({ path: path.join(ARTIFACTS, "page-webgpu.png"), fullPage: true });
   console.log(`webgpu: ${state.last.timings.totalMs.toFixed(0)} ms, max diff to native ${diff}`);
-  await page.close();
 });
 
 test("typing fast runs only the newest request, never a queue of stale ones", async () => {
-  const page = await gpu.page();
-  await page.goto(server.url);
-  await waitForImage(page, "red heart");
+  const page = await webgpuPage();
+  await waitForOutcome(page);
   const before = await page.evaluate(() => ({ requests: window.instaflowPage.requests, generations: window.instaflowPage.generations }));
   const text = "a yellow star on a green field";
   await page.fill("#prompt", "");
@@ -82,7 +90,6 @@ test("typing fast runs only the newest request, never a queue of stale ones", as
   assert.deepEqual(stale, [], "a generation ran a request that was no longer the newest");
   assert.ok(generations < requests, `${generations} generations for ${requests} requests: stale requests were not dropped`);
   console.log(`typing: ${requests} requests → ${generations} generations`);
-  await page.close();
 });
 
 test("broken model files give readable errors, not hangs", async () => {
@@ -143,9 +150,12 @@ test("API: the same noise gives the native CLI's latents within 1e-3 on both bac
   cli("--backend", "cpu", "generate", "green tree", "--noise", noiseFile, "--save-latents", latentsFile, "--out", path.join(ARTIFACTS, "native-noise.png"));
   const native = readSafetensors(latentsFile);
   assert.deepEqual(native.shape, shape);
-  for (const [b, backend] of [[gpu, "webgpu"], [cpu, "cpu"]]) {
-    const page = await b.page();
-    await page.goto(server.url);
+  for (const backend of ["webgpu", "cpu"]) {
+    let page = await webgpuPage();
+    if (backend === "cpu") {
+      page = await cpu.page();
+      await page.goto(server.url);
+    }
     const result = await page.evaluate(
       async ({ noise, backend }) => {
         const { InstaFlow } = await import("/instaflow/index.js");
@@ -162,7 +172,7 @@ test("API: the same noise gives the native CLI's latents within 1e-3 on both bac
     const diff = maxDiff(result.latents, native.values);
     assert.ok(diff < 1e-3, `${backend}: latents differ from native by ${diff}`);
     console.log(`api ${backend}: max latent difference to native ${diff.toExponential(2)}`);
-    await page.close();
+    if (backend === "cpu") await page.close();
   }
 });
 

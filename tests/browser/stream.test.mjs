@@ -1,7 +1,8 @@
 // The package's streaming loader in headless Chromium: weights read by HTTP Range in small pieces
-// (an SD-1.5-architecture model with a VAE, narrow layers), the Cache API, cancelling, switching
-// models, Hugging Face ids, servers that ignore Range, and the CPU backend's refusal of an
-// SD-1.5-size model before any weight byte is fetched.
+// (an SD-1.5-architecture model with a VAE, narrow layers), the Cache API, switching models,
+// Hugging Face ids, servers that ignore Range or compress, and the CPU backend's refusal of an
+// SD-1.5-size model before any weight byte is fetched. Cancelling, crashes and lost devices:
+// workers.test.mjs.
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
@@ -58,6 +59,14 @@ async function openPage(b = gpu, url = server.url) {
   return page;
 }
 
+let shared;
+/** One page for the tests that load and generate in turn: its GPU device, and the shaders compiled
+ * for it, carry over from test to test (a new device compiles every shader again). */
+async function sharedPage() {
+  shared ??= await openPage();
+  return shared;
+}
+
 /** In the page: load `source` with `options`, generate with the test noise, free; returns what
  * happened (latents, stats, wasm memory) or the error. */
 function loadAndGenerate(page, source, options) {
@@ -77,7 +86,7 @@ function loadAndGenerate(page, source, options) {
 }
 
 test("a model with a VAE streams over HTTP ranges in small pieces; latents equal the native CLI's", async () => {
-  const page = await openPage();
+  const page = await sharedPage();
   for (const backend of ["webgpu", "cpu"]) {
     const r = await loadAndGenerate(page, "/mini/", { backend, cache: false, ...SMALL });
     assert.equal(r.error, undefined, r.error);
@@ -91,12 +100,11 @@ test("a model with a VAE streams over HTTP ranges in small pieces; latents equal
     assert.ok(r.stats.pieces > 300 && r.stats.requests > 50, JSON.stringify(r.stats));
     console.log(`${backend}: max |Δlatents| ${diff.toExponential(2)}, ${r.stats.pieces} pieces in ${r.stats.requests} requests, wasm memory ${(r.wasm / 2 ** 20).toFixed(0)} MiB`);
   }
-  await page.close();
 });
 
 test("a tokenizer given as tokenizer.json only gives the same latents; a size no WebGPU buffer can hold is refused before allocating", async () => {
   assert.ok(!fs.existsSync(path.join(MINI_JSON, "tokenizer/vocab.json")));
-  const page = await openPage();
+  const page = await sharedPage();
   for (const backend of ["webgpu", "cpu"]) {
     const r = await loadAndGenerate(page, "/mini-json/", { backend, cache: false });
     assert.equal(r.error, undefined, r.error);
@@ -115,11 +123,10 @@ test("a tokenizer given as tokenizer.json only gives the same latents; a size no
   assert.match(big.error, /a 4096×4096 image needs a GPU buffer of at least \d+ MB \(the VAE decoder's full-resolution layers\); this WebGPU device allows \d+ MB per buffer/);
   assert.equal(big.after, "64×64");
   console.log(`WebGPU: ${big.error}`);
-  await page.close();
 });
 
 test("the second load reads nothing from the network; a changed file is fetched again; an abort leaves no half entry", async () => {
-  const page = await openPage();
+  const page = await sharedPage();
   await page.evaluate(() => window.instaflow.clearCache());
   const served = async (run) => {
     const before = (await stats()).bytes;
@@ -179,211 +186,10 @@ test("the second load reads nothing from the network; a changed file is fetched 
   const estimate = await page.evaluate(() => window.instaflow.storageEstimate());
   assert.ok(estimate.usage > 0, JSON.stringify(estimate));
   console.log(`first load ${first.bytes} B served, second 0 B, after a changed unet ${third.bytes} B; cache usage ${estimate.usage} B`);
-  await page.close();
-});
-
-test("loads can be cancelled, and a model loaded and freed five times (WebGPU in-page and in a worker, CPU) gives the same image", async () => {
-  const page = await openPage();
-  const result = await page.evaluate(
-    async ({ noise, prompt, SMALL }) => {
-      const { InstaFlow, InstaFlowWorker } = window.instaflow;
-      const out = { cancelled: [], latents: [] };
-      for (const [Kind, backend] of [[InstaFlow, "webgpu"], [InstaFlowWorker, "webgpu"], [InstaFlow, "cpu"]]) {
-        const controller = new AbortController();
-        try {
-          await Kind.load("/mini/", { ...SMALL, backend, cache: false, signal: controller.signal, onProgress: () => controller.abort() });
-          out.cancelled.push("not cancelled");
-        } catch (e) {
-          out.cancelled.push(e.name);
-        }
-        for (let i = 0; i < 5; i++) {
-          const model = await Kind.load("/mini/", { ...SMALL, backend });
-          const image = await model.generate({ prompt, noise: new Float32Array(noise), latents: true });
-          out.latents.push(Array.from(image.latents));
-          model.free();
-        }
-      }
-      const other = await InstaFlow.load("/models/instaflow-shapes/").catch((e) => e.message);
-      out.otherModel = typeof other === "string" ? other : "ok";
-      return out;
-    },
-    { noise, prompt: PROMPT, SMALL },
-  );
-  assert.deepEqual(result.cancelled, ["AbortError", "AbortError", "AbortError"]);
-  assert.equal(result.latents.length, 15);
-  assert.equal(result.otherModel, "ok");
-  for (const l of result.latents) assert.ok(maxDiff(l, native) <= 1e-3);
-  await page.close();
-});
-
-test("generate calls are serialized and can be cancelled; a crashed worker is replaced on the next request", async () => {
-  const page = await openPage();
-  const r = await page.evaluate(
-    async ({ prompt, SMALL }) => {
-      const { InstaFlow, InstaFlowWorker } = window.instaflow;
-      const seeds = [...Array(10).keys()];
-      const diff = (a, b) => Math.max(...Array.from(a.latents, (x, i) => Math.abs(x - b.latents[i])));
-      const worst = (images, reference) => Math.max(...images.map((img, i) => diff(img, reference[i])));
-      const out = {};
-
-      // In the page: ten calls at once give what the same calls give one after another.
-      const local = await InstaFlow.load("/mini/", { ...SMALL, backend: "webgpu" });
-      const sequential = [];
-      for (const seed of seeds) sequential.push(await local.generate({ prompt, seed, latents: true }));
-      out.seedsDiffer = diff(sequential[0], sequential[1]);
-      const finished = [];
-      const together = await Promise.all(seeds.map((seed) => local.generate({ prompt, seed, latents: true }).then((img) => (finished.push(seed), img))));
-      out.localConcurrent = worst(together, sequential);
-      out.finished = finished;
-      // A cancelled call rejects at once; the calls around it still run.
-      const controller = new AbortController();
-      const calls = [1, 2, 3].map((seed) => local.generate({ prompt, seed, latents: true, signal: seed === 2 ? controller.signal : undefined }));
-      controller.abort();
-      const settled = await Promise.allSettled(calls);
-      out.localCancel = settled.map((s) => (s.status === "fulfilled" ? "ok" : s.reason.name));
-      out.localAround = Math.max(diff(settled[0].value, sequential[1]), diff(settled[2].value, sequential[3]));
-      local.free();
-
-      // In a worker: the same, then a running generation cancelled, then a crash.
-      const started = [];
-      const spawn = () => {
-        const w = new Worker("/crashing-worker.js", { type: "module" });
-        started.push(w);
-        return w;
-      };
-      const remote = await InstaFlowWorker.load("/mini/", { ...SMALL, backend: "webgpu", worker: spawn });
-      const four = seeds.slice(0, 4);
-      out.workerConcurrent = worst(await Promise.all(four.map((seed) => remote.generate({ prompt, seed, latents: true }))), sequential);
-      const stop = new AbortController();
-      const running = remote.generate({ prompt, seed: 4, latents: true, signal: stop.signal });
-      await new Promise((resolve) => setTimeout(resolve, 0)); // its request is in the worker now
-      stop.abort();
-      out.workerCancel = await running.then(() => "ok", (e) => e.name);
-      out.workersAfterCancel = started.length;
-      out.afterCancel = diff(await remote.generate({ prompt, seed: 4, latents: true }), sequential[4]);
-      out.workersAfterNext = started.length;
-
-      const crashes = [];
-      remote.onCrash = (e) => crashes.push(e.message);
-      started.at(-1).postMessage({ crash: true });
-      const t0 = performance.now();
-      while (!remote.crashes && performance.now() - t0 < 10_000) await new Promise((resolve) => setTimeout(resolve, 20));
-      const recovered = await remote.generate({ prompt, seed: 5, latents: true });
-      out.crashes = crashes;
-      out.recoveredFrom = recovered.recoveredFrom;
-      out.afterCrash = diff(recovered, sequential[5]);
-      out.workers = started.length;
-      remote.free();
-      return out;
-    },
-    { prompt: PROMPT, SMALL },
-  );
-  assert.ok(r.seedsDiffer > 1e-2, `seeds 0 and 1 give different latents (${r.seedsDiffer})`);
-  assert.ok(r.localConcurrent <= 1e-6, `10 concurrent in-page calls vs sequential: ${r.localConcurrent}`);
-  assert.deepEqual(r.finished, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], "one at a time, in the order called");
-  assert.deepEqual(r.localCancel, ["ok", "AbortError", "ok"]);
-  assert.ok(r.localAround <= 1e-6);
-  assert.ok(r.workerConcurrent <= 1e-5, `4 concurrent worker calls vs sequential in-page: ${r.workerConcurrent}`);
-  assert.equal(r.workerCancel, "AbortError");
-  assert.equal(r.workersAfterCancel, 1, "cancelling ends the worker; none is started until needed");
-  assert.equal(r.workersAfterNext, 2);
-  assert.ok(r.afterCancel <= 1e-5);
-  assert.equal(r.crashes.length, 1);
-  assert.match(r.crashes[0], /the model worker crashed: .*simulated crash/);
-  assert.match(r.recoveredFrom, /simulated crash/);
-  assert.ok(r.afterCrash <= 1e-5);
-  assert.equal(r.workers, 3);
-  await page.close();
-});
-
-test("a lost GPU device gives one clear error; loading again (in the page) or the next request (worker) works on a new device", async () => {
-  const page = await openPage();
-  const r = await page.evaluate(
-    async ({ prompt, SMALL }) => {
-      const { InstaFlow, InstaFlowWorker } = window.instaflow;
-      const diff = (a, b) => Math.max(...Array.from(a.latents, (x, i) => Math.abs(x - b.latents[i])));
-      const attempt = (promise) => promise.then(() => "ok", (e) => `${e.deviceLost ? "deviceLost " : ""}${e.message}`);
-      const devices = [];
-      const requestDevice = GPUAdapter.prototype.requestDevice;
-      GPUAdapter.prototype.requestDevice = async function (...args) {
-        const device = await requestDevice.apply(this, args);
-        devices.push(device);
-        return device;
-      };
-      const out = {};
-
-      // In the page: the device is lost between two generations.
-      let local = await InstaFlow.load("/mini/", { ...SMALL, backend: "webgpu" });
-      const reference = await local.generate({ prompt, seed: 1, latents: true });
-      devices.at(-1).destroy();
-      out.reason = (await devices.at(-1).lost).reason;
-      out.idleLoss = await attempt(local.generate({ prompt, seed: 1, latents: true }));
-      out.afterLoss = await attempt(local.generate({ prompt, seed: 1 }));
-      local.free();
-      local = await InstaFlow.load("/mini/", { ...SMALL, backend: "webgpu" });
-      out.reloaded = diff(await local.generate({ prompt, seed: 1, latents: true }), reference);
-      // ... and during one.
-      const running = local.generate({ prompt, seed: 1, latents: true });
-      await new Promise((resolve) => setTimeout(resolve, 0));
-      devices.at(-1).destroy();
-      out.runningLoss = await attempt(running);
-      local.free();
-      local = await InstaFlow.load("/mini/", { ...SMALL, backend: "webgpu" });
-      out.reloadedAgain = diff(await local.generate({ prompt, seed: 1, latents: true }), reference);
-      local.free();
-      out.pageDevices = devices.length;
-
-      // In a worker: the next request after a loss runs in a new worker on a new device.
-      const started = [];
-      const spawn = () => {
-        const w = new Worker("/device-losing-worker.js", { type: "module" });
-        started.push(w);
-        return w;
-      };
-      const remote = await InstaFlowWorker.load("/mini/", { ...SMALL, backend: "webgpu", worker: spawn });
-      const crashes = [];
-      remote.onCrash = (e) => crashes.push(e.message);
-      out.workerFirst = diff(await remote.generate({ prompt, seed: 1, latents: true }), reference);
-      const lost = new Promise((resolve) => started.at(-1).addEventListener("message", ({ data }) => data?.deviceLost && resolve(data.deviceLost)));
-      started.at(-1).postMessage({ destroyDevice: true });
-      out.workerReason = await lost;
-      const recovered = await remote.generate({ prompt, seed: 1, latents: true });
-      out.workerRecovered = diff(recovered, reference);
-      out.recoveredFrom = recovered.recoveredFrom;
-      // ... and during a generation.
-      const during = remote.generate({ prompt, seed: 1, latents: true });
-      await new Promise((resolve) => setTimeout(resolve, 20));
-      started.at(-1).postMessage({ destroyDevice: true });
-      const again = await during;
-      out.workerDuring = diff(again, reference);
-      out.recoveredDuring = again.recoveredFrom;
-      out.crashes = crashes;
-      out.workers = started.length;
-      remote.free();
-      return out;
-    },
-    { prompt: PROMPT, SMALL },
-  );
-  assert.equal(r.reason, "destroyed");
-  assert.match(r.idleLoss, /^deviceLost the GPU device was lost \(Destroyed.*\); the model must be loaded again$/);
-  assert.match(r.afterLoss, /^deviceLost the GPU device was lost/, "the model stays refused until it is loaded again");
-  assert.ok(r.reloaded <= 1e-6, `loaded again on a new device: ${r.reloaded}`);
-  assert.match(r.runningLoss, /^deviceLost the GPU device was lost/);
-  assert.ok(r.reloadedAgain <= 1e-6, `loaded again after a loss during a generation: ${r.reloadedAgain}`);
-  assert.equal(r.pageDevices, 3);
-  assert.ok(r.workerFirst <= 1e-5);
-  assert.equal(r.workerReason, "destroyed");
-  assert.ok(r.workerRecovered <= 1e-5, `worker after the loss: ${r.workerRecovered}`);
-  assert.match(r.recoveredFrom, /the GPU device was lost/);
-  assert.ok(r.workerDuring <= 1e-5, `worker after a loss during a generation: ${r.workerDuring}`);
-  assert.match(r.recoveredDuring, /the GPU device was lost/);
-  assert.equal(r.crashes.length, 2);
-  assert.equal(r.workers, 3);
-  await page.close();
 });
 
 test("hf: ids read the Hugging Face Hub layout; a server that ignores Range or compresses still works", async () => {
-  const page = await openPage();
+  const page = await sharedPage();
   const hub = await loadAndGenerate(page, "hf:org/mini", { ...SMALL, cache: false, hfEndpoint: server.url });
   assert.equal(hub.error, undefined, hub.error);
   assert.ok(maxDiff(hub.latents, native) <= 1e-3);
@@ -399,12 +205,11 @@ test("hf: ids read the Hugging Face Hub layout; a server that ignores Range or c
   ]);
   assert.ok(urls[4].endsWith("/x/y/"));
   assert.equal(urls[5], "http://127.0.0.1:9/a/b/resolve/main/");
-  await page.close();
 
   const noRange = await serve([`/=${PAGE}`, `/instaflow=${path.join(ROOT, "web")}`, `/mini=${MINI}`], ["--no-range"]);
   try {
-    const p = await openPage(gpu, noRange.url);
-    const r = await loadAndGenerate(p, "/mini/", { ...SMALL, cache: false });
+    // Read across origins from the shared page (the server allows it), as from a model host.
+    const r = await loadAndGenerate(await sharedPage(), `${noRange.url}mini/`, { ...SMALL, cache: false });
     assert.equal(r.error, undefined, r.error);
     assert.ok(maxDiff(r.latents, native) <= 1e-3);
     const served = await (await fetch(`${noRange.url}__stats`)).json();
@@ -412,17 +217,17 @@ test("hf: ids read the Hugging Face Hub layout; a server that ignores Range or c
     const total = files.reduce((n, f) => n + fs.statSync(path.join(MINI, f)).size, 0);
     // Each weight file read from its start once for the weights (plus the header reads).
     assert.ok(served.bytes < 3 * total, `without Range: ${served.bytes} bytes served for ${total} bytes of weights`);
-    await p.close();
   } finally {
     noRange.close();
   }
 
   // A server that compresses whole files (HEAD's Content-Length is then the compressed size, not
-  // the file's) and serves ranges plain: the same latents.
+  // the file's) and serves ranges plain: the same latents. Same-origin, where the page sees
+  // Content-Encoding; on the CPU backend, which needs no new GPU device for the new page.
   const gz = await serve([`/=${PAGE}`, `/instaflow=${path.join(ROOT, "web")}`, `/mini=${MINI}`], ["--gzip"]);
   try {
     const p = await openPage(gpu, gz.url);
-    const r = await loadAndGenerate(p, "/mini/", { ...SMALL, cache: false });
+    const r = await loadAndGenerate(p, "/mini/", { ...SMALL, cache: false, backend: "cpu" });
     assert.equal(r.error, undefined, r.error);
     assert.ok(maxDiff(r.latents, native) <= 1e-3);
     await p.close();
@@ -432,7 +237,7 @@ test("hf: ids read the Hugging Face Hub layout; a server that ignores Range or c
 });
 
 test("precision: f16 is refused on an adapter without shader-f16, naming the feature; the page then loads in f32", async () => {
-  const page = await openPage();
+  const page = await sharedPage();
   const hasF16 = await page.evaluate(async () => (await navigator.gpu.requestAdapter()).features.has("shader-f16"));
   assert.equal(hasF16, false, "this test expects SwiftShader, which has no shader-f16");
   const refused = await loadAndGenerate(page, "/mini/", { backend: "webgpu", precision: "f16", cache: false });
@@ -443,7 +248,6 @@ test("precision: f16 is refused on an adapter without shader-f16, naming the fea
   assert.equal(r.error, undefined, r.error);
   assert.equal(r.precision, "f32");
   assert.ok(maxDiff(r.latents, native) <= 1e-3);
-  await page.close();
 });
 
 test("without WebGPU an SD-1.5-size model is refused before any weight byte is fetched; a wrong folder fails naming the tensor", async () => {
