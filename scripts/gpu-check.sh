@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One short check on a machine with an NVIDIA GPU (under 8 minutes once built):
-#  1. builds the CLI with CUDA (the default features) unless BIN names a built one;
+#  1. builds the CLI with CUDA (`--features cuda`) unless BIN names a built one;
 #  2. numerics: the parity model's latents from `generate` on cuda and wgpu (f32) against the CPU
 #     backend, whose numbers the parity tests hold to diffusers — same noise, same prompt;
 #  3. speed and memory: one-step 512² on a random SD-1.5-size folder, f32 and f16, on cuda and
@@ -15,7 +15,7 @@ out=${OUT_DIR:-target/gpu-check}
 mkdir -p "$out"
 bin=${BIN:-}
 if [ -z "$bin" ]; then
-    cargo build --release --locked -q -p instaflow-cli
+    cargo build --release --locked -q -p instaflow-cli --features cuda
     bin=./target/release/instaflow
 fi
 $bin backends | tee "$out/backends.txt"

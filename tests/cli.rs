@@ -984,3 +984,38 @@ fn f16_on_wgpu_halves_the_weights_and_stays_near_f32() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The built-in model on native wgpu (burn's fusion and autotuned kernels) against the CPU, same
+/// noise. Known to fail on Mesa's lavapipe: latents up to 2.7 apart and a visibly wrong image,
+/// while the browser's WebGPU path (the same WGSL kernels, unfused) matches the CPU to 1e-4 and the
+/// parity model's UNet and VAE matched diffusers on native wgpu. Run with `--ignored`.
+#[test]
+#[ignore = "native wgpu gives wrong latents for the built-in model on lavapipe (open bug)"]
+fn wgpu_gives_the_cpus_latents() {
+    let dir = temp_dir("wgpu-vs-cpu");
+    std::fs::create_dir_all(&dir).unwrap();
+    let noise = dir.join("noise.safetensors");
+    // Gaussian values: the parity goldens' UNet input, repeated to the built-in model's shape.
+    let (_, sample) = golden("conv-f32", "unet.sample");
+    let values: Vec<f32> = sample.iter().cycle().take(3 * 32 * 32).copied().collect();
+    write_tensor(&noise, "noise", &[1, 3, 32, 32], &values);
+    let mut latents = Vec::new();
+    for backend in ["cpu", "wgpu"] {
+        let lat = dir.join(format!("{backend}.safetensors"));
+        run_ok(
+            instaflow()
+                .env_remove("XDG_RUNTIME_DIR")
+                .env_remove("WAYLAND_DISPLAY")
+                .args(["--backend", backend, "generate", "red heart", "--noise"])
+                .arg(&noise)
+                .arg("--out")
+                .arg(dir.join(format!("{backend}.png")))
+                .arg("--save-latents")
+                .arg(&lat),
+        );
+        latents.push(read_latents(&lat));
+    }
+    let diff = common::max_abs_diff(&latents[0], &latents[1]);
+    assert!(diff <= 1e-3, "wgpu latents differ from the CPU's by {diff}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

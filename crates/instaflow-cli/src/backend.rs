@@ -166,7 +166,7 @@ pub fn resolve(choice: BackendChoice) -> Result<Selected> {
                 if cfg!(feature = "cuda") {
                     ""
                 } else {
-                    "; this binary was built without the `cuda` feature"
+                    "; this binary was built without the `cuda` feature: rebuild it with `cargo build --release -p instaflow-cli --features cuda`"
                 }
             )
         }

@@ -92,7 +92,7 @@ pub fn list() -> Result<()> {
         None => println!("wgpu     no adapter found"),
     }
     let cuda = if !cfg!(feature = "cuda") {
-        "not compiled in (build with --features cuda)"
+        "not compiled in (build with `-p instaflow-cli --features cuda`)"
     } else if cuda_works() {
         "yes"
     } else {

@@ -265,7 +265,10 @@ pub fn run(choice: BackendChoice, args: TrainArgs, distill: bool) -> Result<()> 
                 train::<Autodiff<burn::backend::Cuda>>(&args, stage, data, cuda_devices(&ids)?)
             }
             #[cfg(not(feature = "cuda"))]
-            DeviceList::Cuda(_) => bail!("--devices cuda:…: this binary was built without `cuda`"),
+            DeviceList::Cuda(_) => bail!(
+                "--devices cuda:…: this binary was built without the `cuda` feature: rebuild it with \
+                 `cargo build --release -p instaflow-cli --features cuda`"
+            ),
         };
     }
     let selected = resolve(choice)?;
