@@ -7,13 +7,13 @@ use burn::backend::flex::ops::unary::exp_f32;
 use burn::tensor::activation::{gelu, sigmoid};
 use burn::tensor::{Tensor, backend::Backend};
 
-use super::{flex_f32, for_each_chunk, give_flex, take_flex};
+use super::{flex_f32, for_each_chunk, give_flex, take_flex, vectorized};
 
 /// Elements one task handles (about 64 KiB of output).
 const TASK: usize = 16 << 10;
 
 /// `erf` to 1.5e-7 (Abramowitz & Stegun 7.1.26) on the branch-free `exp`, so loops vectorise.
-#[inline]
+#[inline(always)]
 fn erf_f32(x: f32) -> f32 {
     const P: f32 = 0.327_591_1;
     const A: [f32; 5] = [
@@ -30,9 +30,21 @@ fn erf_f32(x: f32) -> f32 {
 }
 
 /// Exact (erf) GELU, as `torch.nn.functional.gelu`.
-#[inline]
+#[inline(always)]
 fn gelu_f32(x: f32) -> f32 {
     0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// `dst` rows (`half` wide) = hidden · gelu(gate) of the matching `src` rows `[hidden | gate | …]`
+/// (`width` wide).
+#[inline(always)]
+fn gate_rows(dst: &mut [f32], src: &[f32], half: usize, width: usize) {
+    for (dst, row) in dst.chunks_mut(half).zip(src.chunks(width)) {
+        let (hidden, gate) = row.split_at(half);
+        for ((d, &x), &g) in dst.iter_mut().zip(hidden).zip(gate) {
+            *d = x * gelu_f32(g);
+        }
+    }
 }
 
 /// diffusers' GEGLU gate: `h[…, :I] · gelu(h[…, I:])` for `h` `[B, S, 2I]`.
@@ -51,13 +63,11 @@ pub fn gelu_gate<B: Backend>(h: Tensor<B, 3>) -> Tensor<B, 3> {
     let mut out = vec![0.0f32; b * s * half];
     let rows = (TASK / half.max(1)).max(1);
     for_each_chunk(&mut out, rows * half, |task, chunk| {
-        for (r, dst) in chunk.chunks_mut(half).enumerate() {
-            let row = task * rows + r;
-            let (hidden, gate) = src[row * c2..(row + 1) * c2].split_at(half);
-            for ((d, &x), &g) in dst.iter_mut().zip(hidden).zip(gate) {
-                *d = x * gelu_f32(g);
-            }
-        }
+        let src = &src[task * rows * c2..];
+        vectorized(
+            #[inline(always)]
+            || gate_rows(chunk, src, half, c2),
+        );
     });
     give_flex(flex_f32(out, [b, s, half]))
 }
@@ -69,9 +79,14 @@ pub fn quick_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
         Err(x) => return x.clone() * sigmoid(x * 1.702),
     };
     for_each_chunk(x.storage_mut::<f32>(), TASK, |_, chunk| {
-        for v in chunk {
-            *v /= 1.0 + exp_f32(-1.702 * *v);
-        }
+        vectorized(
+            #[inline(always)]
+            || {
+                for v in chunk {
+                    *v /= 1.0 + exp_f32(-1.702 * *v);
+                }
+            },
+        )
     });
     give_flex(x)
 }

@@ -83,6 +83,79 @@ fn for_each_chunk(data: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) 
         .for_each(|(i, c)| f(i, c));
 }
 
+/// Run `f` compiled for AVX2 + FMA when the CPU has them (std caches the check), else as the
+/// crate is built. Without this our element-wise loops are compiled for x86-64's SSE2 baseline and
+/// run four lanes wide; gemm does its own dispatch, but the softmax, GroupNorm and activation
+/// passes around it took 15% of the UNet's time on an AVX2 machine. Only code inlined into `f`
+/// gets the features: callers pass a closure over an `#[inline(always)]` function. Written by hand
+/// because it is a dozen lines (`pulp`, which gemm uses, wants a trait impl per call site).
+#[inline(always)]
+fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features `with_avx2` is compiled for (checked just above).
+            return unsafe { with_avx2(f) };
+        }
+    }
+    f()
+}
+
+/// Lanes of the reductions below: independent accumulators, so that the compiler can keep them in
+/// vector registers instead of one serial chain of adds.
+const LANES: usize = 16;
+
+/// Sum of `x` in [`LANES`] partial sums.
+#[inline(always)]
+fn sum_f32(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Largest element of `x` (−∞ when empty); NaNs are skipped as by `f32::max`.
+#[inline(always)]
+fn max_f32(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            // `if` instead of f32::max: the form that compiles to a vector max.
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    acc.iter().copied().fold(tail, f32::max)
+}
+
+/// Sum of `f(v)` over `x` in f64, [`LANES`] partial sums.
+#[inline(always)]
+fn sum_f64(x: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
 /// Output pixels from which a 3×3 stride-1 convolution takes the Winograd path (64×64 and up:
 /// SD's UNet at its first level, the whole VAE decoder). Below it the weight transform (16/9 of
 /// the weights, every call) and the smaller products cost more than they save: the UNet at 64²
@@ -361,19 +434,11 @@ pub fn attention<B: Backend>(
                     gemm::Parallelism::None,
                 );
             }
-            for (r, row) in scores.chunks_mut(sk).enumerate() {
-                if let Some(mask) = mask {
-                    let m = &mask[(r0 + r) * sk..(r0 + r + 1) * sk];
-                    row.iter_mut().zip(m).for_each(|(s, m)| *s += m);
-                }
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                // Exponentials in their own pass so that it vectorises (a running sum would
-                // serialise it).
-                row.iter_mut().for_each(|s| *s = exp_f32(*s - max));
-                let sum: f32 = row.iter().sum();
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|s| *s *= inv);
-            }
+            let mask = mask.map(|m| &m[r0 * sk..(r0 + n) * sk]);
+            vectorized(
+                #[inline(always)]
+                || softmax_rows(&mut scores, mask, sk),
+            );
             // SAFETY: out_rows is n × d; scores n × sk; V sk × d, all contiguous.
             unsafe {
                 gemm::gemm(
@@ -409,6 +474,23 @@ pub fn attention<B: Backend>(
     )))
 }
 
+/// Softmax of each `sk`-long row of `scores` after adding the matching row of `mask`.
+#[inline(always)]
+fn softmax_rows(scores: &mut [f32], mask: Option<&[f32]>, sk: usize) {
+    for (r, row) in scores.chunks_mut(sk).enumerate() {
+        if let Some(mask) = mask {
+            let m = &mask[r * sk..(r + 1) * sk];
+            row.iter_mut().zip(m).for_each(|(s, m)| *s += m);
+        }
+        let max = max_f32(row);
+        // Exponentials in their own pass so that it vectorises (a running sum would serialise
+        // it).
+        row.iter_mut().for_each(|s| *s = exp_f32(*s - max));
+        let inv = 1.0 / sum_f32(row);
+        row.iter_mut().for_each(|s| *s *= inv);
+    }
+}
+
 fn parallelism() -> gemm::Parallelism {
     #[cfg(not(target_arch = "wasm32"))]
     {
@@ -422,9 +504,38 @@ fn parallelism() -> gemm::Parallelism {
 
 /// SiLU on the CPU backend's branch-free `exp`, so loops over planes vectorise (libm's `expf` is
 /// one call per element).
-#[inline]
+#[inline(always)]
 fn silu_f32(y: f32) -> f32 {
     y / (1.0 + exp_f32(-y))
+}
+
+/// Normalise one group (its channels' `spatial`-long planes, one after another) to zero mean and
+/// unit variance, scale and shift each channel by `gamma`/`beta`, then SiLU when `then_silu`.
+#[inline(always)]
+fn normalize_group(
+    data: &mut [f32],
+    spatial: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+    then_silu: bool,
+) {
+    // Two passes in f64: the same statistics as torch's within float rounding.
+    let n = data.len() as f64;
+    let mean = sum_f64(data, |v| v as f64) / n;
+    let var = sum_f64(data, |v| (v as f64 - mean).powi(2)) / n;
+    let rstd = 1.0 / (var + eps).sqrt();
+    for ((plane, &g), &b) in data.chunks_mut(spatial).zip(gamma).zip(beta) {
+        let scale = (rstd * g as f64) as f32;
+        let shift = (b as f64 - mean * rstd * g as f64) as f32;
+        if then_silu {
+            plane
+                .iter_mut()
+                .for_each(|v| *v = silu_f32(*v * scale + shift));
+        } else {
+            plane.iter_mut().for_each(|v| *v = *v * scale + shift);
+        }
+    }
 }
 
 /// `torch.nn.GroupNorm` on `[N, C, H, W]`, followed by SiLU when `then_silu` (the pair every SD
@@ -451,24 +562,12 @@ pub fn group_norm<B: Backend>(
     };
     let eps = norm.epsilon;
     for_each_chunk(t.storage_mut::<f32>(), per_group, |index, data| {
-        // Two passes in f64: the same statistics as torch's within float rounding.
-        let n = data.len() as f64;
-        let mean = data.iter().map(|&v| v as f64).sum::<f64>() / n;
-        let var = data.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-        let rstd = 1.0 / (var + eps).sqrt();
         let first_channel = (index % groups) * (channels / groups);
-        for (c, plane) in data.chunks_mut(spatial).enumerate() {
-            let scale = (rstd * gamma[first_channel + c] as f64) as f32;
-            let shift = (beta[first_channel + c] as f64
-                - mean * rstd * gamma[first_channel + c] as f64) as f32;
-            if then_silu {
-                plane
-                    .iter_mut()
-                    .for_each(|v| *v = silu_f32(*v * scale + shift));
-            } else {
-                plane.iter_mut().for_each(|v| *v = *v * scale + shift);
-            }
-        }
+        let (gamma, beta) = (&gamma[first_channel..], &beta[first_channel..]);
+        vectorized(
+            #[inline(always)]
+            || normalize_group(data, spatial, gamma, beta, eps, then_silu),
+        );
     });
     give_flex(t)
 }
