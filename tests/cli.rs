@@ -986,11 +986,10 @@ fn f16_on_wgpu_halves_the_weights_and_stays_near_f32() {
 }
 
 /// The built-in model on native wgpu (burn's fusion and autotuned kernels) against the CPU, same
-/// noise. Known to fail on Mesa's lavapipe: latents up to 2.7 apart and a visibly wrong image,
-/// while the browser's WebGPU path (the same WGSL kernels, unfused) matches the CPU to 1e-4 and the
-/// parity model's UNet and VAE matched diffusers on native wgpu. Run with `--ignored`.
+/// noise. Linear weights loaded as transposed views once gave wrong products there (latents 3.0
+/// apart, a visibly wrong image) while the browser's loader, which uploads contiguous weights,
+/// matched the CPU; the loader now transposes on the host for every backend but the CPU's.
 #[test]
-#[ignore = "native wgpu gives wrong latents for the built-in model on lavapipe (open bug)"]
 fn wgpu_gives_the_cpus_latents() {
     let dir = temp_dir("wgpu-vs-cpu");
     std::fs::create_dir_all(&dir).unwrap();

@@ -42,9 +42,14 @@ fn take_flex<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<FlexTensor, 
     Ok(whole)
 }
 
+/// Whether `B` is the CPU backend these kernels serve (whose products read strided views).
+pub fn is_flex<B: Backend>() -> bool {
+    TypeId::of::<B>() == TypeId::of::<Flex>()
+}
+
 /// `x`'s flex f32 primitive as it is (possibly a strided view), or `x` back.
 fn take_flex_view<B: Backend, const D: usize>(x: Tensor<B, D>) -> Result<FlexTensor, Tensor<B, D>> {
-    if TypeId::of::<B>() != TypeId::of::<Flex>() || x.dtype() != DType::F32 {
+    if !is_flex::<B>() || x.dtype() != DType::F32 {
         return Err(x);
     }
     let primitive: Box<dyn Any> = Box::new(x.into_primitive().tensor());

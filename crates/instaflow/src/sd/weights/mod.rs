@@ -218,6 +218,20 @@ fn tensor_data(file: &bytes::Bytes, t: &HeaderTensor, float: DType) -> TensorDat
     TensorData::new(values, [rows, cols]).convert_dtype(float)
 }
 
+/// The `[cols, rows]` transpose of a `[rows, cols]` tensor, any element type.
+fn transposed(data: TensorData) -> TensorData {
+    let [rows, cols] = [data.shape[0], data.shape[1]];
+    let size = data.dtype.size();
+    let bytes = data.as_bytes();
+    let mut out = vec![0u8; bytes.len()];
+    for (r, row) in bytes.chunks_exact(cols * size).enumerate() {
+        for (c, value) in row.chunks_exact(size).enumerate() {
+            out[(c * rows + r) * size..][..size].copy_from_slice(value);
+        }
+    }
+    TensorData::from_bytes_vec(out, [cols, rows], data.dtype)
+}
+
 /// Load `files` into `module`. Every parameter must be found exactly once with the right shape,
 /// and every tensor in the files must be used. `extra` adds name remappings (regex, replacement).
 /// Floats are converted to `device`'s default float type.
@@ -267,14 +281,18 @@ pub fn load<B: Backend, M: Module<B>>(
                     t.name, exp.file_shape, t.shape
                 ));
             } else if bad.is_empty() && unexpected.is_empty() {
-                let tensor = Tensor::<B, 2>::from_data(tensor_data(&bytes, &t, float), device);
-                // PyTorch stores Linear weights `[out, in]`, burn holds `[in, out]`: a transposed
-                // view, so the CPU backend keeps using the file's bytes (the products read either
-                // layout at the same speed, `kernels::linear`).
-                let tensor = if exp.transpose {
-                    tensor.transpose()
-                } else {
-                    tensor
+                let data = tensor_data(&bytes, &t, float);
+                // PyTorch stores Linear weights `[out, in]`, burn holds `[in, out]`. On the CPU
+                // backend a transposed view, so it keeps using the file's bytes (its products
+                // read either layout at the same speed, `kernels::linear`). Elsewhere the
+                // transpose is made on the host: on native wgpu (fused, autotuned matmul) the
+                // strided view gave wrong products (latents 3.0 apart from the CPU's).
+                let tensor = match exp.transpose {
+                    true if crate::sd::kernels::is_flex::<B>() => {
+                        Tensor::<B, 2>::from_data(data, device).transpose()
+                    }
+                    true => Tensor::from_data(transposed(data), device),
+                    false => Tensor::from_data(data, device),
                 };
                 tensors.insert(exp.path.clone(), tensor);
             }
@@ -316,6 +334,18 @@ mod tests {
             start,
             end: start + (n * dtype.size()) as u64,
         }
+    }
+
+    #[test]
+    fn transposed_swaps_rows_and_columns_of_any_element_size() {
+        let t = transposed(TensorData::new(vec![1.0f32, 2., 3., 4., 5., 6.], [2, 3]));
+        assert_eq!(t.shape, burn::tensor::Shape::new([3, 2]));
+        assert_eq!(t.to_vec::<f32>().unwrap(), [1., 4., 2., 5., 3., 6.]);
+        let halves = [1.0f32, 2., 3., 4., 5., 6.].map(half::f16::from_f32);
+        let t = transposed(TensorData::new(halves.to_vec(), [3, 2]));
+        assert_eq!(t.shape, burn::tensor::Shape::new([2, 3]));
+        let want = [1.0f32, 3., 5., 2., 4., 6.].map(half::f16::from_f32);
+        assert_eq!(t.to_vec::<half::f16>().unwrap(), want);
     }
 
     #[test]
