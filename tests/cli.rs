@@ -987,8 +987,8 @@ fn f16_on_wgpu_halves_the_weights_and_stays_near_f32() {
 
 /// The built-in model on native wgpu (burn's fusion and autotuned kernels) against the CPU, same
 /// noise. Linear weights loaded as transposed views once gave wrong products there (latents 3.0
-/// apart, a visibly wrong image) while the browser's loader, which uploads contiguous weights,
-/// matched the CPU; the loader now transposes on the host for every backend but the CPU's.
+/// apart, a visibly wrong image; the browser's unfused WebGPU backend handled the same views); the
+/// loader now transposes on the host for every backend but the CPU's.
 #[test]
 fn wgpu_gives_the_cpus_latents() {
     let dir = temp_dir("wgpu-vs-cpu");
