@@ -7,6 +7,8 @@
 #     wgpu, and PyTorch + diffusers on the same GPU when a Python with them is given (PYTHON=…);
 #  4. data-parallel training: one GPU against all of them;
 #  5. mixed-precision training: f32, f16 and bf16 passes (speed and GPU memory);
+#  6. training from Stable Diffusion at SD-1.5 size: 2-RF steps per mode, GPU memory vs the plan;
+#  7. the SD recipe (pairs → 2-RF → L2 distillation → generate) on the tiny parity model;
 # and prints one table per check.
 #   scripts/gpu-check.sh            # BIN=path/to/instaflow to skip the build
 set -euo pipefail
@@ -119,3 +121,50 @@ print(f\"{sys.argv[2]:10} {d['samples_per_second']:12.1f} {d['final_loss']:12.4f
             "$out/mp/train.json" "$precision" "$out/mp-$precision.mem"
     done
 fi
+
+# 6. Training from Stable Diffusion at SD-1.5 size on one GPU: a few 2-RF steps on DPM-Solver
+#    pairs from the random SD-1.5 folder of step 3 (UNet only, CLIP and VAE frozen), per mode —
+#    samples/s, peak GPU memory, and the memory plan's figure for the same run.
+if [ "$gpus" -ge 1 ]; then
+    printf 'a photo of a cat\na red car\n' >"$out/prompts.txt"
+    $bin -q --backend cuda reflow --model "$sd" --prompts "$out/prompts.txt" --pairs 4 \
+        --solver dpm:2 --guidance 5 --out "$out/sd-pairs" >/dev/null 2>"$out/sd-pairs.err" \
+        || echo "SD-1.5 pairs: failed ($(tail -1 "$out/sd-pairs.err"))"
+    printf '\n%-28s %12s %14s %12s\n' mode samples_per_s peak_gpu_MiB plan_MiB
+    for mode in "f32 --ema-decay 0" "f32" "bf16 --ema-decay 0"; do
+        set -- $mode
+        precision=$1; shift
+        rm -rf "$out/sd-train"
+        plan=$($bin --backend cuda train --pairs "$out/sd-pairs" --init "$sd" --batch 1 \
+            --precision "$precision" "$@" --plan --out "$out/sd-train" 2>/dev/null \
+            | awk '/total/ {print $(NF-1), $NF}')
+        nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 -i 0 \
+            >"$out/sd-train.mem" 2>/dev/null &
+        smi=$!
+        $bin -q --backend cuda train --pairs "$out/sd-pairs" --init "$sd" --batch 1 --steps 4 \
+            --precision "$precision" "$@" --checkpoint-every 1000 --out "$out/sd-train" \
+            >/dev/null 2>"$out/sd-train.err" || echo "$mode: failed ($(tail -1 "$out/sd-train.err"))"
+        kill $smi 2>/dev/null
+        [ -f "$out/sd-train/train.json" ] && python3 -c "
+import json,sys; d=json.load(open(sys.argv[1]))
+mem=max([int(l) for l in open(sys.argv[3]) if l.strip().isdigit()] or [0])
+print(f\"{sys.argv[2]:28} {d['samples_per_second']:12.2f} {mem:14d} {sys.argv[4]:>12}\")" \
+            "$out/sd-train/train.json" "$mode" "$out/sd-train.mem" "$plan"
+    done
+fi
+
+# 7. The SD recipe end to end on the tiny ε-prediction parity model (a rehearsal of the README's
+#    commands on CUDA): pairs at guidance 5 → 2-RF → L2 distillation at guidance 1.5.
+r="$out/recipe"
+rm -rf "$r" && mkdir -p "$r"
+{
+    $bin -q --backend cuda reflow --model "$model" --prompts "$out/prompts.txt" --pairs 8 \
+        --solver dpm:4 --guidance 5 --out "$r/pairs" &&
+    $bin -q --backend cuda train --pairs "$r/pairs" --init "$model" --steps 20 --batch 4 --out "$r/2rf" &&
+    $bin -q --backend cuda reflow --model "$r/2rf/model" --prompts "$out/prompts.txt" --pairs 8 \
+        --solver euler:4 --guidance 1.5 --out "$r/pairs2" &&
+    $bin -q --backend cuda distill --pairs "$r/pairs2" --init "$r/2rf/model" --loss l2 --steps 20 \
+        --batch 4 --out "$r/distill" &&
+    $bin -q --backend cuda generate "a red car" --model "$r/distill/model" --out "$r/one-step.png" &&
+    echo "sd-recipe rehearsal on cuda: ok ($r/one-step.png)"
+} 2>"$r/err" || echo "sd-recipe rehearsal: failed ($(tail -1 "$r/err"))"

@@ -521,23 +521,280 @@ fn reflow_resumes_after_kill_9_without_gaps_or_duplicates() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-#[test]
-fn reflow_from_an_epsilon_sd_teacher_with_ddim_or_dpm_solver_and_a_jsonl_prompt_set() {
-    let dir = temp_dir("ddim");
-    // The tiny SD-structured parity model plus the tokenizer.
+/// The tiny SD-structured parity model (ε-prediction, random weights) plus the tokenizer, at `to`.
+fn tiny_sd(to: &Path) {
     for part in ["unet", "vae", "text_encoder"] {
-        let to = dir.join("sd").join(part);
-        std::fs::create_dir_all(&to).unwrap();
+        let dst = to.join(part);
+        std::fs::create_dir_all(&dst).unwrap();
         for e in std::fs::read_dir(repo("tests/fixtures/parity/conv-f32").join(part)).unwrap() {
             let e = e.unwrap();
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
         }
     }
-    let tok = dir.join("sd/tokenizer");
+    let tok = to.join("tokenizer");
     std::fs::create_dir_all(&tok).unwrap();
     for f in ["vocab.json", "merges.txt"] {
         std::fs::copy(repo("assets/clip-tokenizer").join(f), tok.join(f)).unwrap();
     }
+}
+
+/// Random LPIPS weights in `dir`: a VGG16 backbone (torchvision's keys) and linear heads, as
+/// safetensors.
+fn random_lpips(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let write = |name: &str, tensors: Vec<(String, Vec<usize>)>| {
+        let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+            .into_iter()
+            .enumerate()
+            .map(|(j, (n, shape))| {
+                let count: usize = shape.iter().product();
+                let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
+                // Biases 0; the heads' weights are ≥ 0, as trained LPIPS heads are.
+                let head = n.starts_with("lin");
+                let values: Vec<f32> = (0..count)
+                    .map(|i| {
+                        ((0.7 * i as f64 + j as f64).sin() * (2.0 / fan_in as f64).sqrt()) as f32
+                    })
+                    .map(|v| match (shape.len(), head) {
+                        (1, _) => 0.0,
+                        (_, true) => v.abs(),
+                        _ => v,
+                    })
+                    .collect();
+                let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                (n, shape, bytes)
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
+            .iter()
+            .map(|(n, s, b)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                        .unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join(name)).unwrap();
+    };
+    let layers = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28];
+    let widths = [
+        64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512,
+    ];
+    let mut backbone = Vec::new();
+    let mut input = 3;
+    for (l, w) in layers.iter().zip(widths) {
+        backbone.push((format!("features.{l}.weight"), vec![w, input, 3, 3]));
+        backbone.push((format!("features.{l}.bias"), vec![w]));
+        input = w;
+    }
+    write("vgg16.safetensors", backbone);
+    let heads = [64, 128, 256, 512, 512]
+        .iter()
+        .enumerate()
+        .map(|(k, &c)| (format!("lin{k}.model.1.weight"), vec![1, c, 1, 1]))
+        .collect();
+    write("vgg.safetensors", heads);
+}
+
+fn file_bytes(path: PathBuf) -> Vec<u8> {
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn sd_recipe_latent_2rf_with_frozen_text_encoder_and_vae_then_l2_and_lpips_distillation() {
+    let dir = temp_dir("sd-recipe");
+    let sd = dir.join("sd");
+    tiny_sd(&sd);
+    let prompts = dir.join("prompts.txt");
+    std::fs::write(&prompts, "a red heart\n\na blue car\n").unwrap();
+    let reflow = |model: &Path, out: &Path, solver: &str, pairs: &str| {
+        ok(instaflow()
+            .args([
+                "reflow",
+                "--pairs",
+                pairs,
+                "--solver",
+                solver,
+                "--guidance",
+                "1.5",
+            ])
+            .arg("--model")
+            .arg(model)
+            .arg("--prompts")
+            .arg(&prompts)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap())
+    };
+    let stdout = reflow(&sd, &dir.join("pairs"), "dpm:3", "4");
+    assert!(stdout.contains("holds 4/4 pairs"), "{stdout}");
+    // 2-RF from the ε-prediction teacher's weights, in its latent space.
+    let run = dir.join("2rf");
+    let fit = |stage: &str, pairs: &Path, init: &Path, out: &Path, extra: &[&str]| {
+        let mut cmd = instaflow();
+        cmd.args([
+            stage, "--steps", "3", "--batch", "2", "--warmup", "1", "--lr", "1e-3",
+        ])
+        .args(["--checkpoint-every", "3"])
+        .arg("--pairs")
+        .arg(pairs)
+        .arg("--init")
+        .arg(init)
+        .arg("--out")
+        .arg(out)
+        .args(extra);
+        cmd.output().unwrap()
+    };
+    ok(fit("train", &dir.join("pairs"), &sd, &run, &[]));
+    let model = run.join("model");
+    for frozen in [
+        "text_encoder/model.safetensors",
+        "text_encoder/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+    ] {
+        assert_eq!(
+            file_bytes(model.join(frozen)),
+            file_bytes(sd.join(frozen)),
+            "{frozen} changed"
+        );
+    }
+    let unet = "unet/diffusion_pytorch_model.safetensors";
+    assert_ne!(
+        file_bytes(model.join(unet)),
+        file_bytes(sd.join(unet)),
+        "the UNet trained"
+    );
+    let index: serde_json::Value =
+        serde_json::from_slice(&file_bytes(model.join("model_index.json"))).unwrap();
+    assert_eq!(index["vae"][1], "AutoencoderKL");
+    assert_eq!(index["scheduler"][0], "diffusers");
+    assert!(model.join("scheduler/scheduler_config.json").is_file());
+    // The exported folder is a complete pipeline: it generates.
+    let png = dir.join("2rf.png");
+    ok(instaflow()
+        .args(["generate", "a red heart", "--model"])
+        .arg(&model)
+        .arg("--out")
+        .arg(&png)
+        .output()
+        .unwrap());
+    assert!(png.is_file());
+    // --train-text-encoder opts in.
+    let both = dir.join("2rf-text");
+    ok(fit(
+        "train",
+        &dir.join("pairs"),
+        &sd,
+        &both,
+        &["--train-text-encoder", "--steps", "2"],
+    ));
+    let te = "text_encoder/model.safetensors";
+    assert_ne!(
+        file_bytes(both.join("model").join(te)),
+        file_bytes(sd.join(te))
+    );
+    // Stage 1: L2 distillation on the 2-RF's pairs (one pair: a fixed batch).
+    reflow(&model, &dir.join("pairs2"), "euler:2", "1");
+    let stage1 = dir.join("stage1");
+    ok(fit(
+        "distill",
+        &dir.join("pairs2"),
+        &model,
+        &stage1,
+        &["--loss", "l2"],
+    ));
+    // Stage 2: LPIPS through the frozen decoder continues the student.
+    fails(
+        fit(
+            "distill",
+            &dir.join("pairs2"),
+            &stage1.join("model"),
+            &dir.join("s2"),
+            &["--loss", "lpips"],
+        ),
+        "--loss lpips needs LPIPS weights",
+    );
+    let lpips = dir.join("lpips");
+    random_lpips(&lpips);
+    let stage2 = dir.join("stage2");
+    let lp = lpips.to_str().unwrap();
+    ok(fit(
+        "distill",
+        &dir.join("pairs2"),
+        &stage1.join("model"),
+        &stage2,
+        &[
+            "--loss",
+            "lpips",
+            "--lpips",
+            lp,
+            "--loss-size",
+            "32",
+            "--steps",
+            "6",
+            "--ema-decay",
+            "0",
+        ],
+    ));
+    let l = losses(&stage2);
+    assert!(l[5] < l[0], "LPIPS loss on a fixed batch: {l:?}");
+    assert_eq!(
+        file_bytes(stage2.join("model/vae/diffusion_pytorch_model.safetensors")),
+        file_bytes(sd.join("vae/diffusion_pytorch_model.safetensors"))
+    );
+    ok(fit(
+        "distill",
+        &dir.join("pairs2"),
+        &stage1.join("model"),
+        &dir.join("stage2-huber"),
+        &["--loss", "lpips-huber", "--lpips", lp, "--steps", "2"],
+    ));
+    // Pixel pairs with a latent --init, and latent pairs with a pixel --init, are refused.
+    let pixel_run = dir.join("pixel");
+    ok(train(&pixel_run, &["--steps", "1"]));
+    fails(
+        fit(
+            "train",
+            &dir.join("pairs"),
+            &pixel_run.join("model"),
+            &dir.join("x"),
+            &[],
+        ),
+        "pixel-space model",
+    );
+    ok(instaflow()
+        .args(["reflow", "--pairs", "2", "--solver", "euler:1", "--model"])
+        .arg(pixel_run.join("model"))
+        .arg("--data")
+        .arg(data())
+        .arg("--out")
+        .arg(dir.join("pixel-pairs"))
+        .output()
+        .unwrap());
+    fails(
+        fit("train", &dir.join("pixel-pairs"), &sd, &dir.join("y"), &[]),
+        "latent-space model",
+    );
+    fails(
+        fit(
+            "train",
+            &dir.join("pairs"),
+            &sd,
+            &dir.join("z"),
+            &["--loss", "lpips"],
+        ),
+        "--loss is a distillation setting",
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn reflow_from_an_epsilon_sd_teacher_with_ddim_or_dpm_solver_and_a_jsonl_prompt_set() {
+    let dir = temp_dir("ddim");
+    tiny_sd(&dir.join("sd"));
     let prompts = dir.join("prompts.jsonl");
     std::fs::write(
         &prompts,

@@ -26,12 +26,9 @@ pub struct BenchSdArgs {
     json: Option<PathBuf>,
 }
 
-/// Peak resident memory of this process in MiB (Linux `VmHWM`), if known.
+/// Peak resident memory of this process in MiB, if known.
 fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
+    crate::memory::peak_rss().map(|b| b as f64 / (1024.0 * 1024.0))
 }
 
 /// (first run, median) in seconds.

@@ -78,6 +78,14 @@ pub fn available_ram() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Peak resident memory of this process so far in bytes (Linux `VmHWM`), if known.
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Refuse `request` (e.g. "--width 4096 --height 4096 --batch 8") when `estimate` does not fit:
 /// the host must hold the noise, and on CPU backends the weights and activations too; a GPU's
 /// share is checked against `max_memory` when given (its total is not known before allocating).

@@ -11,7 +11,9 @@ use indicatif::ProgressStyle;
 use instaflow::flow::solvers::{Rk45Options, Solver};
 use instaflow::sd::pipeline::InstaFlowPipeline;
 use instaflow::sd::source::ModelSource;
+use instaflow::sd::tokenizer::ClipTokenizer;
 use instaflow::training::data::ImageTextDataset;
+use instaflow::training::prompts::read_prompts;
 use instaflow::training::reflow::{PairPlan, census, generate_shard};
 
 use crate::backend::{BackendChoice, resolve};
@@ -28,9 +30,14 @@ pub struct ReflowArgs {
     /// resume; other shards may write into the same folder.
     #[arg(long)]
     out: PathBuf,
-    /// Prompt set D_T: a text file with one prompt per line, or JSONL with a "prompt" field.
+    /// Prompt set D_T: a text file with one prompt per line, or JSONL with a "prompt",
+    /// "caption" or "text" field (LAION/COCO-style exports), read line by line. Empty lines are
+    /// skipped and prompts longer than CLIP's 77 tokens noted, by line number.
     #[arg(long, conflicts_with = "data")]
     prompts: Option<PathBuf>,
+    /// Read at most this many prompts of --prompts.
+    #[arg(long, value_name = "N")]
+    max_prompts: Option<usize>,
     /// Use every caption of this data set (from `instaflow data`) as the prompt set.
     #[arg(long)]
     data: Option<PathBuf>,
@@ -139,35 +146,6 @@ fn parse_shard(s: &str) -> Result<(usize, usize)> {
     }
 }
 
-/// Read a prompt file: plain lines, or JSONL objects with a "prompt" field.
-pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("--prompts {}: cannot read", path.display()))?;
-    let mut prompts = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() {
-            continue;
-        }
-        if line.starts_with('{') {
-            let v: serde_json::Value = serde_json::from_str(line)
-                .with_context(|| format!("{}:{}: invalid JSON", path.display(), i + 1))?;
-            let p = v.get("prompt").and_then(|p| p.as_str()).with_context(|| {
-                format!("{}:{}: no string field \"prompt\"", path.display(), i + 1)
-            })?;
-            prompts.push(p.to_string());
-        } else {
-            prompts.push(line.to_string());
-        }
-    }
-    ensure!(
-        !prompts.is_empty(),
-        "--prompts {}: no prompts",
-        path.display()
-    );
-    Ok(prompts)
-}
-
 /// Run `instaflow reflow`.
 pub fn run(choice: BackendChoice, mut args: ReflowArgs) -> Result<()> {
     let (shard, of) = parse_shard(&args.shard)?;
@@ -188,13 +166,41 @@ pub fn run(choice: BackendChoice, mut args: ReflowArgs) -> Result<()> {
     );
     args.model = crate::hub::model_folder(&args.model, !crate::quiet())?;
     let prompts = match (&args.prompts, &args.data) {
-        (Some(p), _) => read_prompts(p)?,
+        (Some(p), _) => prompt_set(p, &args)?,
         (_, Some(d)) => ImageTextDataset::load(d)?.all_captions(),
         _ => bail!("give the prompt set: --prompts FILE or --data DIR"),
     };
     let selected = resolve(choice)?;
     crate::note!("backend: {}", selected.name());
     with_backend!(&selected, B, device => pairs::<B>(&args, prompts, solver, shard, of, &device))
+}
+
+/// `--prompts`, with what was skipped or will be truncated said once.
+fn prompt_set(path: &Path, args: &ReflowArgs) -> Result<Vec<String>> {
+    ensure!(
+        args.max_prompts != Some(0),
+        "--max-prompts must be positive"
+    );
+    let source = ModelSource::dir(&args.model);
+    let tokenizer = ClipTokenizer::from_source(&source, "tokenizer").ok();
+    let set = read_prompts(path, args.max_prompts, tokenizer.as_ref())
+        .with_context(|| format!("--prompts {}", path.display()))?;
+    if set.empty.count > 0 {
+        crate::note!("--prompts: skipped {} empty line(s)", set.empty);
+    }
+    if set.truncated.count > 0 {
+        crate::note!(
+            "--prompts: {} prompt(s) longer than CLIP's 77 tokens; the text encoder sees their start",
+            set.truncated
+        );
+    }
+    if set.capped {
+        crate::note!(
+            "--prompts: the first {} prompts (--max-prompts)",
+            set.prompts.len()
+        );
+    }
+    Ok(set.prompts)
 }
 
 fn pairs<B: Backend>(

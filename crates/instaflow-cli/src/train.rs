@@ -11,20 +11,25 @@ use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Args, ValueEnum};
 use indicatif::ProgressStyle;
+use instaflow::sd::pipeline::{load_vae, read_config};
 use instaflow::sd::source::ModelSource;
 use instaflow::sd::tokenizer::ClipTokenizer;
 use instaflow::training::data::ImageTextDataset;
 use instaflow::training::data_parallel::{CpuShare, Nodes, Replica, port_of, spawn_orchestrator};
+use instaflow::training::latents::EncodedImages;
+use instaflow::training::lpips::{LpipsWeights, Perceptual};
+use instaflow::training::memory_plan::{self, TrainMemoryPlan};
 use instaflow::training::precision::Precision;
 use instaflow::training::reflow::PairSet;
 use instaflow::training::{
-    ModelSpec, Stage, TextToImage, TrainConfig, TrainData, Trainer, checkpoint_to_resume,
-    load_model, save_model,
+    DistillLoss, Export, ModelSpec, Stage, TextToImage, TrainConfig, TrainData, Trainer,
+    checkpoint_to_resume, load_model, save_model,
 };
 
 #[cfg(feature = "cuda")]
 use crate::backend::cuda_devices;
 use crate::backend::{BackendChoice, DeviceList, resolve, wgpu_devices};
+use crate::memory::{OutOfMemory, available_ram, human};
 use crate::{embedded, plots, with_backend};
 
 /// Options of `instaflow train` / `instaflow distill`.
@@ -36,9 +41,47 @@ pub struct TrainArgs {
     /// Reflow pairs from `instaflow reflow` (trains k-RF, or the one-step student for `distill`).
     #[arg(long)]
     pairs: Option<PathBuf>,
-    /// Start from this model folder's weights (the teacher's, for reflow and distillation).
+    /// Start from this model's weights (the teacher's, for reflow and distillation): a diffusers
+    /// folder or a Hugging Face id (`hf:ORG/NAME[@REV]`). A folder with a `vae/` (Stable
+    /// Diffusion, InstaFlow, or a run of this tool on one) trains in its latent space: the UNet
+    /// only (see --train-text-encoder), the VAE frozen and exported with the model; --data images
+    /// are encoded by that VAE once. The UNet starts from the folder's weights even when they
+    /// predict ε (SD): reflow turns it into a velocity model, as InstaFlow did.
     #[arg(long)]
     init: Option<PathBuf>,
+    /// Train the text encoder too (with --init of a latent-space model, it is frozen otherwise,
+    /// as in InstaFlow; models from scratch or pixel-space --init always train it).
+    #[arg(long)]
+    train_text_encoder: bool,
+    /// Sum the gradients of this many micro-batches of --batch before each update: one step
+    /// sees --batch × K examples (× workers), drawn as one batch that large would be, in the
+    /// memory of --batch.
+    #[arg(long, default_value_t = 1, value_name = "K")]
+    grad_accum: usize,
+    /// Distillation loss between the student's one step and the teacher's result: `l2`
+    /// (InstaFlow's first stage), `lpips` (its second stage: on images, decoded by the frozen
+    /// VAE for latent models, gradients through the decoder), `lpips-huber` (2-rectified
+    /// flow++: pseudo-Huber on the samples + LPIPS). The stages chain: `distill --loss l2 …`,
+    /// then `distill --init STAGE1/model --loss lpips …` continues the student.
+    #[arg(long, value_enum, default_value_t = LossArg::L2)]
+    loss: LossArg,
+    /// LPIPS weights for --loss lpips|lpips-huber: a folder with torchvision's VGG16
+    /// (`vgg16-397923af.pth`, or `vgg16.safetensors`) and the lpips package's linear heads
+    /// (`vgg.pth` from lpips/weights/v0.1/, or `vgg.safetensors`). Nothing is downloaded.
+    #[arg(long, value_name = "DIR")]
+    lpips: Option<PathBuf>,
+    /// Resize the decoded images to SIZE×SIZE before LPIPS (e.g. 224, the size LPIPS was
+    /// trained at; smaller is cheaper).
+    #[arg(long, value_name = "SIZE")]
+    loss_size: Option<usize>,
+    /// Print the memory plan per device (weights, gradients, AdamW state, EMA, frozen parts,
+    /// activations; the batch per 24/40/80 GB device) and exit without training.
+    #[arg(long)]
+    plan: bool,
+    /// Refuse runs whose plan needs more than this per device (e.g. `80G`, `24GiB`). Default on
+    /// the CPU: the available RAM; GPUs are only checked when it is given.
+    #[arg(long, value_parser = crate::memory::parse_size, value_name = "SIZE")]
+    max_memory: Option<u64>,
     /// Architecture of a new model: tiny (tests), small, base.
     #[arg(long, default_value = "small")]
     size: String,
@@ -66,7 +109,8 @@ pub struct TrainArgs {
     /// AdamW weight decay.
     #[arg(long, default_value_t = 1e-2)]
     weight_decay: f64,
-    /// EMA decay of the exported weights.
+    /// EMA decay of the exported weights; 0 keeps no EMA (exports the trained weights and saves
+    /// the memory of one copy of them — at SD-1.5 size 3.4 GB).
     #[arg(long, default_value_t = 0.999)]
     ema_decay: f64,
     /// Probability of the empty caption during flow training (enables guidance).
@@ -165,8 +209,8 @@ impl TrainArgs {
 
 fn check(args: &TrainArgs, stage: Stage) -> Result<()> {
     ensure!(
-        args.steps > 0 && args.batch > 0,
-        "--steps and --batch must be positive"
+        args.steps > 0 && args.batch > 0 && args.grad_accum > 0,
+        "--steps, --batch and --grad-accum must be positive"
     );
     ensure!(
         args.lr.is_none_or(|lr| lr > 0.0 && lr.is_finite()),
@@ -184,6 +228,28 @@ fn check(args: &TrainArgs, stage: Stage) -> Result<()> {
         args.checkpoint_every > 0,
         "--checkpoint-every must be positive"
     );
+    let loss = DistillLoss::from(args.loss);
+    ensure!(
+        stage == Stage::Distill || loss == DistillLoss::L2,
+        "--loss is a distillation setting: use it with `instaflow distill`"
+    );
+    ensure!(
+        args.lpips.is_none() || loss.perceptual(),
+        "--lpips is only read by --loss lpips or lpips-huber"
+    );
+    ensure!(
+        args.loss_size.is_none_or(|s| s >= 16),
+        "--loss-size must be at least 16 (LPIPS' VGG halves the image four times)"
+    );
+    if loss.perceptual() && args.lpips.is_none() {
+        bail!(
+            "--loss {} needs LPIPS weights: --lpips DIR with torchvision's vgg16-397923af.pth and \
+             the lpips package's vgg.pth (they cannot be downloaded at run time)",
+            args.loss
+                .to_possible_value()
+                .map_or("lpips".into(), |v| v.get_name().to_string())
+        );
+    }
     match (stage, &args.data, &args.pairs) {
         (Stage::Distill, _, None) => bail!("distill needs --pairs (from `instaflow reflow`)"),
         (Stage::Distill, _, _) if args.init.is_none() => {
@@ -211,6 +277,27 @@ impl From<PrecisionArg> for Precision {
             PrecisionArg::F32 => Precision::F32,
             PrecisionArg::F16 => Precision::F16,
             PrecisionArg::Bf16 => Precision::Bf16,
+        }
+    }
+}
+
+/// `--loss`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LossArg {
+    /// Mean squared error.
+    L2,
+    /// LPIPS on images.
+    Lpips,
+    /// Pseudo-Huber + LPIPS.
+    LpipsHuber,
+}
+
+impl From<LossArg> for DistillLoss {
+    fn from(l: LossArg) -> Self {
+        match l {
+            LossArg::L2 => DistillLoss::L2,
+            LossArg::Lpips => DistillLoss::Lpips,
+            LossArg::LpipsHuber => DistillLoss::LpipsHuber,
         }
     }
 }
@@ -306,10 +393,11 @@ fn train<B: AutodiffBackend>(
         precision.check::<B>(d).map_err(anyhow::Error::msg)?;
     }
     let (spec, model, tokenizer_source) = match &args.init {
-        Some(dir) => {
-            let source = ModelSource::dir(dir);
+        Some(init) => {
+            let dir = crate::hub::model_folder(init, true)?;
+            let source = ModelSource::dir(&dir);
             let (spec, model) = load_model::<B>(&source, device)
-                .with_context(|| format!("loading --init {}", dir.display()))?;
+                .with_context(|| format!("loading --init {}", init.display()))?;
             (spec, model, source)
         }
         None => {
@@ -324,12 +412,15 @@ fn train<B: AutodiffBackend>(
             (spec, model, embedded::tokenizer())
         }
     };
-    let shape = spec.image_shape().map_err(anyhow::Error::msg)?;
-    ensure!(
-        shape == data.shape(),
-        "the model makes {shape:?} samples but the training data is {:?}",
-        data.shape()
-    );
+    // A model with a VAE trains in its latent space, the VAE frozen.
+    let latent = tokenizer_source.has_dir("vae");
+    let data = match (latent, data) {
+        (true, TrainData::Images(images)) => {
+            TrainData::Latents(encode_images::<B>(&images, &tokenizer_source, device)?)
+        }
+        (_, data) => data,
+    };
+    check_shapes(&spec, &data, latent, args.init.as_deref())?;
     let tokenizer = ClipTokenizer::from_source(&tokenizer_source, "tokenizer")?;
     let config = TrainConfig {
         steps: args.steps,
@@ -342,7 +433,32 @@ fn train<B: AutodiffBackend>(
         caption_dropout: args.caption_dropout,
         seed: args.seed,
         precision,
+        grad_accum: args.grad_accum,
+        train_text_encoder: !latent || args.train_text_encoder,
+        loss: args.loss.into(),
     };
+    let lpips = match &args.lpips {
+        Some(dir) => Some(LpipsWeights::in_dir(dir)?),
+        None => None,
+    };
+    let (loss_size, vae_source) = (args.loss_size, tokenizer_source.clone());
+    let perceptual_vae = match (&lpips, latent) {
+        (Some(_), true) => Some(read_config(&tokenizer_source, "vae")?),
+        _ => None,
+    };
+    let plan = memory_plan::plan(
+        &spec,
+        data.shape(),
+        args.batch / workers,
+        &config,
+        perceptual_vae.as_ref(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    if args.plan {
+        print_plan(&plan, args.batch, args.grad_accum, workers);
+        return Ok(());
+    }
+    check_plan(&plan, args.max_memory, is_cpu::<B>())?;
     let ckpt = args.out.join("checkpoint");
     let resume_from = match args.resume {
         true => match checkpoint_to_resume(&ckpt) {
@@ -359,6 +475,18 @@ fn train<B: AutodiffBackend>(
             let mut trainer = Trainer::new(model, config.clone(), stage, tokenizer.clone(), device)
                 .map_err(anyhow::Error::msg)?;
             trainer.skip_non_finite = on_nan_skip;
+            if let Some(weights) = &lpips {
+                let network = weights.load::<B>(device)?;
+                let vae = match latent {
+                    true => Some(
+                        load_vae::<B>(&vae_source, "vae", device)
+                            .context("loading the VAE that decodes for LPIPS")?
+                            .1,
+                    ),
+                    false => None,
+                };
+                trainer.set_perceptual(Perceptual::new(network, vae, loss_size));
+            }
             if let Some(from) = &resume_from {
                 trainer.resume(from)?;
                 if first {
@@ -438,6 +566,9 @@ fn train<B: AutodiffBackend>(
         });
     }
     drop(reports);
+    // The loaded weights stay alive only in the trainers: at SD-1.5 size a third copy of the
+    // UNet (the file's pages) would otherwise outlive the first update.
+    drop(model);
     if let Some(replica) = group(0) {
         replica.join::<B>(device).map_err(anyhow::Error::msg)?;
         trainer
@@ -464,14 +595,13 @@ fn train<B: AutodiffBackend>(
             return Ok(());
         }
         trainer.save_checkpoint(&ckpt)?;
-        save_model(
-            &trainer.ema,
-            &spec,
-            &tokenizer_source,
-            &args.out.join("model"),
-            args.half,
-        )
-        .map_err(anyhow::Error::msg)?;
+        let export = Export {
+            base: &tokenizer_source,
+            half: args.half,
+            text_encoder_frozen: !trainer.config.train_text_encoder,
+        };
+        save_model(&trainer.exported(), &spec, &args.out.join("model"), export)
+            .map_err(anyhow::Error::msg)?;
         write_losses(&trainer.losses, stage, &args.out)
     };
     let share = CpuShare::of(local);
@@ -510,6 +640,8 @@ fn train<B: AutodiffBackend>(
             export(&trainer)?;
         }
     }
+    // The peak of the steps themselves, before the last export adds its buffers.
+    let training_peak = crate::memory::peak_rss();
     export(&trainer)?;
     bar.finish_and_clear();
     let rank0 = group(0).map_or(0, |r| r.rank);
@@ -553,8 +685,11 @@ fn train<B: AutodiffBackend>(
         "examples": data.len(),
         "steps_this_run": steps,
         "seconds_this_run": seconds,
-        "samples_per_second": (steps * args.batch) as f64 / seconds.max(1e-9),
+        "samples_per_second": (steps * args.batch * args.grad_accum) as f64 / seconds.max(1e-9),
         "final_loss": trainer.losses.last().map(|l| l.1),
+        "peak_rss_bytes_training": training_peak,
+        "peak_rss_bytes": crate::memory::peak_rss(),
+        "memory_plan": plan,
         "skipped_steps": trainer.skipped,
         "precision": precision.name(),
         "loss_scale": (precision == Precision::F16).then_some(trainer.loss_scaler.scale),
@@ -567,7 +702,7 @@ fn train<B: AutodiffBackend>(
     )?;
     println!(
         "{stage:?}: {steps} steps in {seconds:.1} s ({:.1} samples/s{}{}), final loss {:.4}; model → {}",
-        (steps * args.batch) as f64 / seconds.max(1e-9),
+        (steps * args.batch * args.grad_accum) as f64 / seconds.max(1e-9),
         match workers {
             1 => String::new(),
             n => format!(" on {n} workers"),
@@ -578,6 +713,128 @@ fn train<B: AutodiffBackend>(
         },
         trainer.losses.last().map_or(f64::NAN, |l| l.1),
         args.out.join("model").display()
+    );
+    Ok(())
+}
+
+/// Whether `B` computes on the host (its memory is the machine's RAM).
+fn is_cpu<B: AutodiffBackend>() -> bool {
+    let name = std::any::type_name::<B::InnerBackend>();
+    name.contains("Flex") || name.contains("NdArray")
+}
+
+/// `train --plan`: the table, and what fits on common device sizes.
+fn print_plan(plan: &TrainMemoryPlan, batch: usize, grad_accum: usize, workers: usize) {
+    println!(
+        "memory plan per device ({workers} device(s), batch {batch} × grad-accum {grad_accum}):"
+    );
+    for (what, bytes) in plan.rows() {
+        println!("  {what:<58} {:>10}", human(bytes));
+    }
+    for gb in [24u64, 40, 80] {
+        let rows = plan.max_micro_batch(gb * 1_000_000_000);
+        println!(
+            "  a {gb} GB device fits a micro-batch of {rows} (then --grad-accum for a larger batch)"
+        );
+    }
+}
+
+/// Refuse a run whose plan exceeds `max_memory`, or the available RAM on a CPU backend.
+fn check_plan(plan: &TrainMemoryPlan, max_memory: Option<u64>, on_cpu: bool) -> Result<()> {
+    let (limit, what) = match (max_memory, on_cpu.then(available_ram).flatten()) {
+        (Some(m), _) => (m, "--max-memory"),
+        (None, Some(ram)) => (ram, "available RAM; --max-memory sets another"),
+        (None, None) => return Ok(()),
+    };
+    if plan.total() > limit {
+        let parts: Vec<String> = plan
+            .rows()
+            .iter()
+            .filter(|(w, b)| *b > 0 && w != "total")
+            .map(|(w, b)| format!("{} {}", human(*b), w.split(" (").next().unwrap_or(w)))
+            .collect();
+        bail!(OutOfMemory(format!(
+            "this run needs about {} per device ({}); the limit is {} ({what}). A smaller \
+             --batch with --grad-accum keeps the batch; --ema-decay 0 drops the EMA copy; \
+             `train --plan` shows the figures",
+            human(plan.total()),
+            parts.join(" + "),
+            human(limit),
+        )));
+    }
+    Ok(())
+}
+
+/// `data`'s images encoded by the frozen VAE of `source` (once, before training).
+fn encode_images<B: AutodiffBackend>(
+    data: &ImageTextDataset,
+    source: &ModelSource,
+    device: &B::Device,
+) -> Result<EncodedImages> {
+    let (cfg, vae) = load_vae::<B::InnerBackend>(source, "vae", device)
+        .context("loading the VAE that encodes --data")?;
+    let bar = crate::progress_bar(data.len() as u64);
+    bar.set_message("encoding --data with the VAE");
+    let encoded = EncodedImages::encode(data, &vae, cfg.in_channels, 16, device, |done, _| {
+        bar.set_position(done as u64)
+    })
+    .map_err(anyhow::Error::msg)?;
+    bar.finish_and_clear();
+    crate::note!(
+        "encoded {} images to {:?} latents with the frozen VAE",
+        encoded.len(),
+        encoded.shape
+    );
+    Ok(encoded)
+}
+
+/// The training samples must be what the model makes: its channels, and a size its UNet can
+/// halve at every level (a latent UNet runs at any such size, e.g. SD-1.5 at 32² latents).
+fn check_shapes(
+    spec: &ModelSpec,
+    data: &TrainData,
+    latent: bool,
+    init: Option<&Path>,
+) -> Result<()> {
+    let shape = spec.image_shape().map_err(anyhow::Error::msg)?;
+    let cfg = spec.unet_config().map_err(anyhow::Error::msg)?;
+    let [c, h, w] = data.shape();
+    let what = match data {
+        TrainData::Pairs(_) => "the pairs hold",
+        TrainData::Latents(_) => "the encoded images are",
+        TrainData::Images(_) => "the training data is",
+    };
+    let name = init.map_or("the model".into(), |p| format!("--init {}", p.display()));
+    if c != shape[0] {
+        let hint = match (latent, data) {
+            (true, _) => format!(
+                "{name} is a latent-space model (it has a vae/) whose UNet takes {}-channel \
+                 latents",
+                shape[0]
+            ),
+            (false, _) => {
+                format!("{name} is a pixel-space model (no vae/) making {shape:?} images")
+            }
+        };
+        bail!(
+            "{hint}, but {what} {:?} samples — pairs or data made for {} model?",
+            [c, h, w],
+            if latent {
+                "a pixel-space"
+            } else {
+                "a latent-space"
+            }
+        );
+    }
+    let factor = 1usize << cfg.block_out_channels.len().saturating_sub(1);
+    let fits = match latent {
+        true => h % factor == 0 && w % factor == 0,
+        false => [c, h, w] == shape,
+    };
+    ensure!(
+        fits,
+        "the model makes {shape:?} samples but {what} {:?}",
+        [c, h, w]
     );
     Ok(())
 }

@@ -6,12 +6,17 @@ pub mod classifier;
 pub mod data;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod data_parallel;
+pub mod latents;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod lpips;
+pub mod memory_plan;
 pub mod model;
 pub mod precision;
+pub mod prompts;
 pub mod reflow;
 pub mod trainer;
 
-pub use model::{ModelSpec, PRESETS, TextToImage, load_model, save_model};
+pub use model::{Export, ModelSpec, PRESETS, TextToImage, load_model, save_model};
 pub use trainer::{
-    MAX_SKIPPED_IN_A_ROW, Stage, TrainConfig, TrainData, Trainer, checkpoint_to_resume,
+    DistillLoss, MAX_SKIPPED_IN_A_ROW, Stage, TrainConfig, TrainData, Trainer, checkpoint_to_resume,
 };

@@ -210,15 +210,100 @@ pub(crate) fn save_safetensors<B: Backend, M: ModuleSnapshot<B>>(
     })
 }
 
-/// Write `model` as a diffusers folder (`model_index.json`, `unet/`, `text_encoder/`, `tokenizer/`)
-/// without a VAE: a pixel-space model the pipeline decodes by rescaling. `half` stores f16.
+/// How [`save_model`] writes a run's model.
+#[derive(Debug, Clone, Copy)]
+pub struct Export<'a> {
+    /// The folder the run started from (for a model from scratch, any source of the tokenizer):
+    /// `tokenizer/` is copied from it, and when it has a `vae/` (a latent-space model: SD or
+    /// InstaFlow) so are `vae/` and `scheduler/`, unchanged — the frozen parts of the recipe.
+    pub base: &'a ModelSource,
+    /// Store the trained weights in f16.
+    pub half: bool,
+    /// The text encoder was frozen: its files are copied from `base` byte for byte instead of
+    /// being written again.
+    pub text_encoder_frozen: bool,
+}
+
+/// The scheduler a latent-space export names when the base folder has none: SD-1.5's settings
+/// (InstaFlow's sampler ignores them; diffusers' pipelines need a scheduler to load).
+fn default_scheduler() -> Value {
+    json!({
+        "_class_name": "DPMSolverMultistepScheduler",
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000,
+        "prediction_type": "epsilon",
+        "steps_offset": 1,
+    })
+}
+
+/// Copy `rel` from `base` into `dir` (atomically), unless an earlier export of this run already
+/// put a file of the same size there.
+fn copy_file(base: &ModelSource, rel: &str, dir: &Path) -> Result<(), String> {
+    let to = dir.join(rel);
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    }
+    match base.path(rel) {
+        Some(from) => {
+            let same = |a: &Path, b: &Path| match (std::fs::metadata(a), std::fs::metadata(b)) {
+                (Ok(a), Ok(b)) => a.len() == b.len(),
+                _ => false,
+            };
+            if same(&from, &to) {
+                return Ok(());
+            }
+            let tmp = to.with_extension("copying");
+            std::fs::copy(&from, &tmp)
+                .and_then(|_| std::fs::rename(&tmp, &to))
+                .map_err(|e| {
+                    let _ = std::fs::remove_file(&tmp);
+                    format!("copying {} to {}: {e}", from.display(), to.display())
+                })
+        }
+        None => {
+            let bytes = base.read(rel).map_err(|e| e.to_string())?;
+            write_atomic(&to, &bytes).map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// Copy component `name` (config, weights, shard index) from `base` into `dir`.
+fn copy_component(base: &ModelSource, name: &str, dir: &Path) -> Result<(), String> {
+    let stems = crate::sd::weights::COMPONENTS
+        .iter()
+        .find(|(c, _)| *c == name)
+        .map_or(&[][..], |(_, stems)| *stems);
+    copy_file(base, &format!("{name}/config.json"), dir)?;
+    for stem in stems {
+        let index = format!("{name}/{stem}.safetensors.index.json");
+        if base.exists(&index) {
+            copy_file(base, &index, dir)?;
+        }
+    }
+    let files = crate::sd::weights::weight_files(base, name, stems).map_err(|e| e.to_string())?;
+    for file in files {
+        copy_file(base, &file.0, dir)?;
+    }
+    Ok(())
+}
+
+/// Write `model` as a diffusers folder: `model_index.json`, `unet/` (velocity), `text_encoder/`,
+/// `tokenizer/`, and — when `export.base` has a VAE — `vae/` and `scheduler/` too: a complete
+/// pipeline for `generate`, the npm package and diffusers' InstaFlow pipeline. Without a VAE it
+/// is a pixel-space model the pipeline decodes by rescaling.
 pub fn save_model<B: Backend>(
     model: &TextToImage<B>,
     spec: &ModelSpec,
-    tokenizer: &ModelSource,
     dir: &Path,
-    half: bool,
+    export: Export<'_>,
 ) -> Result<(), String> {
+    let Export {
+        base,
+        half,
+        text_encoder_frozen,
+    } = export;
     let mkdir = |d: &Path| std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()));
     let write = |p: PathBuf, bytes: &[u8]| write_atomic(&p, bytes).map_err(|e| e.to_string());
     for sub in ["unet", "text_encoder", "tokenizer"] {
@@ -226,27 +311,57 @@ pub fn save_model<B: Backend>(
     }
     let pretty = |v: &Value| serde_json::to_vec_pretty(v).expect("json");
     write(dir.join("unet/config.json"), &pretty(&spec.unet))?;
-    write(
-        dir.join("text_encoder/config.json"),
-        &pretty(&spec.text_encoder),
-    )?;
-    for file in ["vocab.json", "merges.txt"] {
-        let bytes = tokenizer
-            .read(&format!("tokenizer/{file}"))
-            .map_err(|e| e.to_string())?;
-        write(dir.join("tokenizer").join(file), &bytes)?;
+    let tokenizer_files = ["vocab.json", "merges.txt"];
+    for file in ["special_tokens_map.json", "tokenizer_config.json"]
+        .iter()
+        .filter(|f| base.exists(&format!("tokenizer/{f}")))
+        .chain(&tokenizer_files)
+    {
+        copy_file(base, &format!("tokenizer/{file}"), dir)?;
     }
-    let index = json!({
+    let latent = base.has_dir("vae");
+    let mut index = json!({
         "_class_name": "RectifiedFlowPipeline",
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
     });
+    if latent {
+        copy_component(base, "vae", dir)?;
+        let scheduler = "scheduler/scheduler_config.json";
+        let config = match base.exists(scheduler) {
+            true => serde_json::from_slice(&base.read(scheduler).map_err(|e| e.to_string())?)
+                .map_err(|e| format!("{}: {e}", base.display(scheduler)))?,
+            false => default_scheduler(),
+        };
+        mkdir(&dir.join("scheduler"))?;
+        write(dir.join(scheduler), &pretty(&config))?;
+        let class = config["_class_name"]
+            .as_str()
+            .unwrap_or("DPMSolverMultistepScheduler");
+        let extra = json!({
+            "vae": ["diffusers", "AutoencoderKL"],
+            "scheduler": ["diffusers", class],
+            "safety_checker": [null, null],
+            "feature_extractor": [null, null],
+            "requires_safety_checker": false,
+        });
+        if let (Some(index), Some(extra)) = (index.as_object_mut(), extra.as_object()) {
+            index.extend(extra.clone());
+        }
+    }
     write(dir.join("model_index.json"), &pretty(&index))?;
     save_safetensors(
         &model.unet,
         &dir.join("unet/diffusion_pytorch_model.safetensors"),
         half,
+    )?;
+    if text_encoder_frozen && base.has_dir("text_encoder") {
+        return copy_component(base, "text_encoder", dir);
+    }
+    write(
+        dir.join("text_encoder/config.json"),
+        &pretty(&spec.text_encoder),
     )?;
     save_safetensors(
         &model.text_encoder,

@@ -10,22 +10,25 @@ mod ema;
 
 pub use checkpoint::checkpoint_to_resume;
 
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module};
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::flow::losses::{TimeSampler, distillation_loss, rectified_flow_loss};
+use crate::flow::losses::{TimeSampler, distillation_loss, one_step, rectified_flow_loss};
 use crate::flow::noise;
 use crate::flow::velocity::VelocityField;
 use crate::sd::tokenizer::{ClipTokenizer, MAX_LENGTH};
 use crate::training::data::ImageTextDataset;
 #[cfg(not(target_arch = "wasm32"))]
 use crate::training::data_parallel::Replica;
+use crate::training::latents::EncodedImages;
+#[cfg(not(target_arch = "wasm32"))]
+use crate::training::lpips::Perceptual;
 use crate::training::model::TextToImage;
 use crate::training::precision::{HalfPrecision, LossScaler, Precision, unscale_gradients};
 use crate::training::reflow::PairSet;
@@ -39,6 +42,26 @@ pub enum Stage {
     Reflow,
     /// One-step distillation on pairs: `‖X0 + v(X0, 0) − X1‖²`.
     Distill,
+}
+
+/// What distillation compares the student's one step with the teacher's result by.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DistillLoss {
+    /// Mean squared error on the model's samples (InstaFlow's first stage).
+    #[default]
+    L2,
+    /// LPIPS on images (decoded by the frozen VAE for latent models): InstaFlow's second stage.
+    Lpips,
+    /// Pseudo-Huber on the samples plus LPIPS, as 2-rectified flow++ (at t = 0, where its
+    /// `(1 − t)` weight is 1).
+    LpipsHuber,
+}
+
+impl DistillLoss {
+    /// Whether it needs LPIPS weights.
+    pub fn perceptual(self) -> bool {
+        self != Self::L2
+    }
 }
 
 /// Settings of a training run.
@@ -56,7 +79,8 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     /// Gradient-norm clipping.
     pub grad_clip: f64,
-    /// EMA decay (warmed up as `min(decay, (1 + s)/(10 + s))`).
+    /// EMA decay (warmed up as `min(decay, (1 + s)/(10 + s))`); 0 keeps no EMA copy (the
+    /// trained weights themselves are exported; saves one copy of the trainable weights).
     pub ema_decay: f64,
     /// Probability of training on the empty caption (classifier-free guidance needs it).
     pub caption_dropout: f64,
@@ -65,6 +89,27 @@ pub struct TrainConfig {
     /// The float type of forward and backward passes (the weights stay f32).
     #[serde(default)]
     pub precision: Precision,
+    /// Micro-batches of `batch` examples whose gradients are summed before each update: one step
+    /// sees `batch × grad_accum` examples, as one step with a batch that large would (the same
+    /// draws), in the memory of `batch`.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    /// Whether the text encoder trains too. Off, it is frozen: no gradients, no optimizer state,
+    /// no EMA copy, and its weights are exported as they were (InstaFlow fine-tunes the UNet
+    /// only). Models from scratch need it on (there is no pretrained CLIP to start from).
+    #[serde(default = "yes")]
+    pub train_text_encoder: bool,
+    /// The distillation loss (distillation only).
+    #[serde(default)]
+    pub loss: DistillLoss,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for TrainConfig {
@@ -80,6 +125,9 @@ impl Default for TrainConfig {
             caption_dropout: 0.1,
             seed: 0,
             precision: Precision::F32,
+            grad_accum: 1,
+            train_text_encoder: true,
+            loss: DistillLoss::L2,
         }
     }
 }
@@ -91,6 +139,8 @@ pub enum TrainData {
     Images(ImageTextDataset),
     /// Reflow pairs (k-RF or distillation).
     Pairs(PairSet),
+    /// Captioned images encoded once by a frozen VAE (1-RF in latent space).
+    Latents(EncodedImages),
 }
 
 impl TrainData {
@@ -99,6 +149,7 @@ impl TrainData {
         match self {
             Self::Images(d) => d.len(),
             Self::Pairs(p) => p.len(),
+            Self::Latents(e) => e.len(),
         }
     }
 
@@ -112,6 +163,7 @@ impl TrainData {
         match self {
             Self::Images(d) => [d.channels, d.height, d.width],
             Self::Pairs(p) => p.plan.shape,
+            Self::Latents(e) => e.shape,
         }
     }
 }
@@ -141,8 +193,9 @@ pub const MAX_SKIPPED_IN_A_ROW: usize = 10;
 pub struct Trainer<B: AutodiffBackend> {
     /// The model being optimised.
     pub model: TextToImage<B>,
-    /// Exponential moving average of the weights (what gets exported).
-    pub ema: TextToImage<B::InnerBackend>,
+    /// Exponential moving average of the weights (what gets exported); none with
+    /// `ema_decay` 0.
+    pub ema: Option<TextToImage<B::InnerBackend>>,
     optim: Optim<B>,
     /// Steps done.
     pub step: usize,
@@ -164,6 +217,8 @@ pub struct Trainer<B: AutodiffBackend> {
     pub overflowed: Vec<usize>,
     #[cfg(not(target_arch = "wasm32"))]
     replica: Option<Replica>,
+    #[cfg(not(target_arch = "wasm32"))]
+    perceptual: Option<Perceptual<B>>,
     tokenizer: ClipTokenizer,
     empty_ids: Vec<u32>,
     device: B::Device,
@@ -185,8 +240,19 @@ impl<B: AutodiffBackend> Trainer<B> {
             )))
             .init();
         let empty_ids = tokenizer.encode("").map_err(|e| e.to_string())?;
+        if config.grad_accum == 0 {
+            return Err("grad_accum must be at least 1".into());
+        }
+        let model = match config.train_text_encoder {
+            true => model,
+            // Frozen parameters get no gradients, hence no optimizer state and no EMA copy.
+            false => TextToImage {
+                text_encoder: model.text_encoder.no_grad(),
+                unet: model.unet,
+            },
+        };
         Ok(Self {
-            ema: model.valid(),
+            ema: (config.ema_decay > 0.0).then(|| model.valid()),
             model,
             optim,
             step: 0,
@@ -198,12 +264,22 @@ impl<B: AutodiffBackend> Trainer<B> {
             overflowed: Vec::new(),
             #[cfg(not(target_arch = "wasm32"))]
             replica: None,
+            #[cfg(not(target_arch = "wasm32"))]
+            perceptual: None,
             config,
             stage,
             tokenizer,
             empty_ids,
             device: device.clone(),
         })
+    }
+
+    /// The weights to export: the EMA, or the trained weights when there is none.
+    pub fn exported(&self) -> TextToImage<B::InnerBackend> {
+        match &self.ema {
+            Some(ema) => ema.clone(),
+            None => self.model.valid(),
+        }
     }
 
     /// The learning rate at step `s` (linear warm-up, then constant).
@@ -218,6 +294,13 @@ impl<B: AutodiffBackend> Trainer<B> {
         replica.check_batch(self.config.batch)?;
         self.replica = Some(replica);
         Ok(())
+    }
+
+    /// The LPIPS (and VAE) of a perceptual distillation loss; [`DistillLoss::Lpips`] and
+    /// [`DistillLoss::LpipsHuber`] need it.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn set_perceptual(&mut self, perceptual: Perceptual<B>) {
+        self.perceptual = Some(perceptual);
     }
 
     /// The rows of a batch this trainer computes: all of them, or its share in a group.
@@ -283,62 +366,11 @@ impl<B: AutodiffBackend> Trainer<B> {
         let s = self.step;
         let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed);
         rng.set_stream(s as u64);
-        let b = self.config.batch;
-        // The whole batch is drawn on every worker, in the same order, so that the draws depend
-        // on (seed, step) only; each worker then computes its own rows of it.
-        let idx: Vec<usize> = (0..b).map(|_| rng.random_range(0..data.len())).collect();
-        let rows = self.rows(b);
-        let mine = &idx[rows.clone()];
-        let [c, h, w] = data.shape();
-        let (x0, x1, mut captions) = match data {
-            TrainData::Images(d) => {
-                let captions: Vec<String> = idx
-                    .iter()
-                    .map(|&i| d.caption(i, &mut rng).to_string())
-                    .collect();
-                let n = c * h * w;
-                let x0 =
-                    noise::standard_normal(&mut rng, b * n)[rows.start * n..rows.end * n].to_vec();
-                let x0 =
-                    Tensor::from_data(TensorData::new(x0, [rows.len(), c, h, w]), &self.device);
-                (x0, d.pixels::<B>(mine, &self.device), captions)
-            }
-            TrainData::Pairs(p) => {
-                let (x0, x1) = p.tensors::<B>(mine, &self.device);
-                (
-                    x0,
-                    x1,
-                    idx.iter()
-                        .map(|&i| p.prompt(i).to_string())
-                        .collect::<Vec<_>>(),
-                )
-            }
-        };
-        if self.stage != Stage::Distill {
-            for cap in captions.iter_mut() {
-                if rng.random_bool(self.config.caption_dropout) {
-                    cap.clear();
-                }
-            }
-        }
-        let ids = self.ids(&captions[rows.clone()])?;
-        let t = match self.stage {
-            Stage::Distill => None,
-            Stage::Flow | Stage::Reflow => {
-                let t = TimeSampler::Uniform.sample(&mut rng, b)[rows.clone()].to_vec();
-                Some(Tensor::<B, 1>::from_data(
-                    TensorData::new(t, [rows.len()]),
-                    &self.device,
-                ))
-            }
-        };
-        let loss = match self.config.precision.half() {
-            None => loss_of(&self.model, x0, x1, t, &ids),
-            Some(half) => loss_of(&HalfPrecision::new(&self.model, half), x0, x1, t, &ids),
-        };
+        let (local, grads) = self.step_gradients(data, &mut rng)?;
         // The batch's loss: the mean of the workers' (equal shares), the same on every worker,
         // so that all of them take the same decision below.
-        let value = self.mean_over_group(loss.clone().into_scalar().elem())?;
+        let value = self.mean_over_group(local)?;
+        let scaled = self.config.precision == Precision::F16;
         if !value.is_finite() && self.skip_non_finite {
             // Every step has its own seeded draw, so skipping keeps the schedule of the rest.
             self.skipped.push(s);
@@ -363,12 +395,6 @@ impl<B: AutodiffBackend> Trainer<B> {
                  last checkpoint is kept (lower --lr, then --resume)"
             ));
         }
-        let scaled = self.config.precision == Precision::F16;
-        let loss = match scaled {
-            true => loss * self.loss_scaler.scale,
-            false => loss,
-        };
-        let grads = GradientsParams::from_grads(loss.backward(), &self.model);
         let mut grads = self.mean_gradients_over_group(grads)?;
         // Gradients are the same on every worker after the mean, so all take the same decision.
         if scaled {
@@ -382,11 +408,160 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         self.model = self.optim.step(self.lr(s), self.model.clone(), grads);
         let decay = self.config.ema_decay.min((1 + s) as f64 / (10 + s) as f64);
-        self.ema = ema::update(self.ema.clone(), &self.model, decay);
+        if let Some(average) = self.ema.take() {
+            self.ema = Some(ema::update(average, &self.model, decay));
+        }
         self.step += 1;
         self.losses.push((s, value));
         Ok(value)
     }
+
+    /// This worker's mean loss and gradients for the step `rng` draws (before any averaging over
+    /// workers): its rows of each of the `grad_accum` micro-batches, gradients summed.
+    pub(crate) fn step_gradients(
+        &self,
+        data: &TrainData,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<(f64, GradientsParams), String> {
+        let (b, micro) = (self.config.batch, self.config.grad_accum);
+        let draws = self.draw(data, b * micro, rng);
+        let rows = self.rows(b);
+        let scaled = self.config.precision == Precision::F16;
+        // Micro-batch k is rows k·b … (k+1)·b of the step's draws; each adds the gradient of
+        // its mean loss / micro, so the sum is the gradient of the whole batch's mean loss.
+        let mut local = 0.0;
+        let mut accumulated = GradientsAccumulator::<TextToImage<B>>::new();
+        for k in 0..micro {
+            let mine = k * b + rows.start..k * b + rows.end;
+            let loss = self.micro_batch_loss(data, &draws, mine)?;
+            local += loss.clone().into_scalar().elem::<f64>() / micro as f64;
+            let loss = match (micro, scaled) {
+                (1, false) => loss,
+                (_, false) => loss / micro as f64,
+                (_, true) => loss * (self.loss_scaler.scale / micro as f64),
+            };
+            let grads = GradientsParams::from_grads(loss.backward(), &self.model);
+            accumulated.accumulate(&self.model, grads);
+        }
+        Ok((local, accumulated.grads()))
+    }
+
+    /// The random choices of one step of `total` examples, in a fixed order (examples, captions,
+    /// noise, caption dropout, times), so that they depend on (seed, step) only: every worker
+    /// draws the whole batch and then computes its own rows, and `grad_accum` micro-batches draw
+    /// what one batch of their total size would.
+    fn draw(&self, data: &TrainData, total: usize, rng: &mut ChaCha8Rng) -> Draws {
+        let idx: Vec<usize> = (0..total)
+            .map(|_| rng.random_range(0..data.len()))
+            .collect();
+        let [c, h, w] = data.shape();
+        let (mut captions, noise) = match data {
+            TrainData::Images(d) => {
+                let captions = idx.iter().map(|&i| d.caption(i, rng).to_string());
+                let captions: Vec<String> = captions.collect();
+                (captions, noise::standard_normal(rng, total * c * h * w))
+            }
+            TrainData::Latents(e) => {
+                let captions = idx.iter().map(|&i| e.images.caption(i, rng).to_string());
+                let captions: Vec<String> = captions.collect();
+                (captions, noise::standard_normal(rng, total * c * h * w))
+            }
+            TrainData::Pairs(p) => (
+                idx.iter().map(|&i| p.prompt(i).to_string()).collect(),
+                Vec::new(),
+            ),
+        };
+        if self.stage != Stage::Distill {
+            for cap in captions.iter_mut() {
+                if rng.random_bool(self.config.caption_dropout) {
+                    cap.clear();
+                }
+            }
+        }
+        let t = match self.stage {
+            Stage::Distill => None,
+            Stage::Flow | Stage::Reflow => Some(TimeSampler::Uniform.sample(rng, total)),
+        };
+        Draws {
+            idx,
+            captions,
+            noise,
+            t,
+        }
+    }
+
+    /// The loss of rows `rows` of a step's draws, with the graph for the backward pass.
+    fn micro_batch_loss(
+        &self,
+        data: &TrainData,
+        draws: &Draws,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Tensor<B, 1>, String> {
+        let [c, h, w] = data.shape();
+        let n = c * h * w;
+        let mine = &draws.idx[rows.clone()];
+        let noise = || {
+            let x0 = draws.noise[rows.start * n..rows.end * n].to_vec();
+            Tensor::from_data(TensorData::new(x0, [rows.len(), c, h, w]), &self.device)
+        };
+        let (x0, x1) = match data {
+            TrainData::Images(d) => (noise(), d.pixels::<B>(mine, &self.device)),
+            TrainData::Latents(e) => (noise(), e.latents::<B>(mine, &self.device)),
+            TrainData::Pairs(p) => p.tensors::<B>(mine, &self.device),
+        };
+        let ids = self.ids(&draws.captions[rows.clone()])?;
+        let t = draws.t.as_ref().map(|t| {
+            let t = t[rows.clone()].to_vec();
+            Tensor::<B, 1>::from_data(TensorData::new(t, [rows.len()]), &self.device)
+        });
+        if self.stage == Stage::Distill && self.config.loss.perceptual() {
+            let prediction = match self.config.precision.half() {
+                None => one_step(&self.model, x0, &ids),
+                Some(half) => one_step(&HalfPrecision::new(&self.model, half), x0, &ids),
+            };
+            return self.perceptual_loss(prediction, x1);
+        }
+        Ok(match self.config.precision.half() {
+            None => loss_of(&self.model, x0, x1, t, &ids),
+            Some(half) => loss_of(&HalfPrecision::new(&self.model, half), x0, x1, t, &ids),
+        })
+    }
+
+    /// LPIPS (plus pseudo-Huber for [`DistillLoss::LpipsHuber`]) between the student's one step
+    /// and the teacher's result, averaged over the rows.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn perceptual_loss(
+        &self,
+        prediction: Tensor<B, 4>,
+        target: Tensor<B, 4>,
+    ) -> Result<Tensor<B, 1>, String> {
+        let Some(perceptual) = &self.perceptual else {
+            return Err(format!(
+                "the {:?} distillation loss needs LPIPS weights (--lpips)",
+                self.config.loss
+            ));
+        };
+        let mut loss = perceptual.distance(prediction.clone(), target.clone());
+        if self.config.loss == DistillLoss::LpipsHuber {
+            let d = prediction.dims()[1..].iter().product::<usize>() as f64;
+            loss = loss + crate::flow::losses::pseudo_huber(prediction, target, 0.00054 * d.sqrt());
+        }
+        Ok(loss.mean())
+    }
+
+    #[cfg(target_arch = "wasm32")]
+    fn perceptual_loss(&self, _: Tensor<B, 4>, _: Tensor<B, 4>) -> Result<Tensor<B, 1>, String> {
+        Err("perceptual distillation losses are not available in the browser".into())
+    }
+}
+
+/// What one step drew: example indices, captions (after dropout), noise (image data only) and
+/// flow times (not for distillation), for every row of the step.
+struct Draws {
+    idx: Vec<usize>,
+    captions: Vec<String>,
+    noise: Vec<f32>,
+    t: Option<Vec<f32>>,
 }
 
 #[cfg(test)]
@@ -398,7 +573,7 @@ mod tests {
     use crate::flow::velocity::Guided;
     use crate::sd::source::ModelSource;
     use crate::test_util::{TB, device, to_vec};
-    use crate::training::model::{ModelSpec, save_model};
+    use crate::training::model::{Export, ModelSpec, save_model};
     use burn::backend::Autodiff;
     use burn::module::{Module, ModuleVisitor, Param};
     use std::path::Path;
@@ -458,6 +633,81 @@ mod tests {
         assert!(last < 0.7 * first, "loss {first:.3} → {last:.3}");
     }
 
+    /// Every gradient of `grads`, in the model's parameter order.
+    fn gradient_values(model: &TextToImage<AD>, grads: &GradientsParams) -> Vec<Vec<f32>> {
+        struct Values<'a>(&'a GradientsParams, Vec<Vec<f32>>);
+        impl ModuleVisitor<AD> for Values<'_> {
+            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<AD, D>>) {
+                if let Some(g) = self.0.get::<TB, D>(p.id) {
+                    self.1.push(to_vec(g));
+                }
+            }
+        }
+        let mut v = Values(grads, Vec::new());
+        model.visit(&mut v);
+        v.1
+    }
+
+    #[test]
+    fn two_accumulated_micro_batches_give_the_gradients_of_the_doubled_batch() {
+        let data = TrainData::Images(fixture());
+        let gradients = |batch: usize, grad_accum: usize| {
+            let mut t = trainer(Stage::Flow, 1, 1e-3);
+            t.config.batch = batch;
+            t.config.grad_accum = grad_accum;
+            let mut rng = ChaCha8Rng::seed_from_u64(t.config.seed);
+            let (loss, grads) = t.step_gradients(&data, &mut rng).unwrap();
+            (loss, gradient_values(&t.model, &grads))
+        };
+        let (loss_a, a) = gradients(16, 1);
+        let (loss_b, b) = gradients(8, 2);
+        let (loss_c, _) = gradients(8, 1);
+        assert!((loss_a - loss_b).abs() < 1e-5, "{loss_a} vs {loss_b}");
+        // Not the first half alone: the second micro-batch counts.
+        assert!((loss_a - loss_c).abs() > 1e-4, "{loss_a} vs {loss_c}");
+        assert_eq!(a.len(), b.len());
+        let (mut worst, mut largest) = (0f32, 0f32);
+        for (x, y) in a.iter().zip(&b) {
+            worst = worst.max(crate::test_util::max_abs_diff(x, y));
+            largest = largest.max(x.iter().fold(0f32, |m, v| m.max(v.abs())));
+        }
+        assert!(largest > 1e-3, "gradients are all ~0 ({largest})");
+        assert!(
+            worst < 1e-5,
+            "max gradient difference {worst} (largest {largest})"
+        );
+    }
+
+    #[test]
+    fn a_frozen_text_encoder_gets_no_gradients_and_keeps_its_weights() {
+        let data = TrainData::Images(fixture());
+        let mut t = trainer(Stage::Flow, 3, 3e-3);
+        t.config.train_text_encoder = false;
+        let text_before = param_sums(&TextToImage {
+            text_encoder: t.model.text_encoder.valid(),
+            unet: t.model.unet.valid(),
+        });
+        let mut t = Trainer::new(t.model, t.config, Stage::Flow, tokenizer(), &device()).unwrap();
+        for _ in 0..3 {
+            t.train_step(&data).unwrap();
+        }
+        let after = param_sums(&t.exported());
+        let n_text = {
+            let mut s = Vec::new();
+            struct Count<'a>(&'a mut Vec<()>);
+            impl<B: Backend> ModuleVisitor<B> for Count<'_> {
+                fn visit_float<const D: usize>(&mut self, _: &Param<Tensor<B, D>>) {
+                    self.0.push(());
+                }
+            }
+            t.model.text_encoder.visit(&mut Count(&mut s));
+            s.len()
+        };
+        // The text encoder's parameters come first: bit for bit the same, in the EMA too.
+        assert_eq!(after[..n_text], text_before[..n_text]);
+        assert_ne!(after[n_text..], text_before[n_text..], "the UNet trained");
+    }
+
     #[test]
     fn checkpoint_resumes_bit_for_bit() {
         let dir = std::env::temp_dir().join(format!("instaflow-ckpt-{}", std::process::id()));
@@ -477,7 +727,7 @@ mod tests {
         assert_eq!(b.step, 3);
         let next_b: Vec<f64> = (0..3).map(|_| b.train_step(&data).unwrap()).collect();
         assert_eq!(next_a, next_b);
-        assert_eq!(param_sums(&a.ema), param_sums(&b.ema));
+        assert_eq!(param_sums(&a.exported()), param_sums(&b.exported()));
         // A checkpoint of another stage is refused.
         let mut c = trainer(Stage::Distill, 6, 3e-3);
         assert!(c.resume(&from).unwrap_err().to_string().contains("Flow"));
@@ -587,7 +837,12 @@ mod tests {
         let tok_src = ModelSource::dir(dir.join("src"));
         for half in [false, true] {
             let out = dir.join(if half { "f16" } else { "f32" });
-            save_model(&model, &spec, &tok_src, &out, half).unwrap();
+            let export = Export {
+                base: &tok_src,
+                half,
+                text_encoder_frozen: false,
+            };
+            save_model(&model, &spec, &out, export).unwrap();
             let pipe = crate::sd::pipeline::InstaFlowPipeline::<TB>::load(
                 &ModelSource::dir(&out),
                 &device(),

@@ -15,7 +15,7 @@ pub mod unet_2d_blocks;
 pub mod vae;
 
 pub use clip::{ClipTextConfig, ClipTextModel};
-pub use unet_2d::{UNet2DConditionConfig, UNet2DConditionModel};
+pub use unet_2d::{ActivationCensus, UNet2DConditionConfig, UNet2DConditionModel};
 pub use vae::{AutoencoderKL, AutoencoderKLConfig};
 
 use burn::module::{Module, ModuleVisitor, Param};

@@ -145,6 +145,18 @@ impl Default for UNet2DConditionConfig {
 }
 
 /// Per-block values resolved from a config, as diffusers resolves them.
+/// Values one UNet forward pass produces, by kind (see
+/// [`UNet2DConditionConfig::activation_census`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ActivationCensus {
+    /// Resnet blocks: input plus output widths × pixels.
+    pub resnet: u64,
+    /// Transformer blocks: width × pixels per transformer layer.
+    pub transformer: u64,
+    /// Attention scores: heads × pixels × (pixels + text tokens) per transformer layer.
+    pub attention_scores: u64,
+}
+
 #[derive(Debug, Clone)]
 struct Resolved {
     cross_attn_down: Vec<bool>,
@@ -365,6 +377,50 @@ impl UNet2DConditionConfig {
                 .transformer_layers_per_block
                 .per_block(n, "transformer_layers_per_block")?,
         })
+    }
+
+    /// How many values the UNet's layers produce in one forward pass over a `h`×`w` latent
+    /// (batch 1) with `text_len` text tokens, by kind — what autodiff keeps for the backward pass
+    /// grows with these (the training memory plan weighs them). Up blocks count their resnets'
+    /// concatenated inputs as twice their width.
+    pub fn activation_census(
+        &self,
+        h: usize,
+        w: usize,
+        text_len: usize,
+    ) -> Result<ActivationCensus, ConfigError> {
+        let r = self.resolve()?;
+        let boc = &self.block_out_channels;
+        let n = boc.len();
+        let mut census = ActivationCensus::default();
+        let spatial = |level: usize| ((h >> level) * (w >> level)) as u64;
+        let transformer = |census: &mut ActivationCensus, level: usize, count: usize| {
+            let (s, c) = (spatial(level), boc[level] as u64);
+            let layers = (count * r.transformer_layers[level]) as u64;
+            census.transformer += layers * c * s;
+            census.attention_scores += layers * r.heads[level] as u64 * s * (s + text_len as u64);
+        };
+        let mut in_ch = boc[0] as u64;
+        for (level, &c) in boc.iter().enumerate() {
+            let c = c as u64;
+            census.resnet += (in_ch + c) * spatial(level)
+                + (r.layers[level] as u64 - 1) * 2 * c * spatial(level);
+            in_ch = c;
+            if r.cross_attn_down[level] {
+                transformer(&mut census, level, r.layers[level]);
+            }
+        }
+        census.resnet += 2 * 2 * boc[n - 1] as u64 * spatial(n - 1);
+        transformer(&mut census, n - 1, 1);
+        for (i, &cross) in r.cross_attn_up.iter().enumerate() {
+            let level = n - 1 - i;
+            let layers = r.layers[level] + 1;
+            census.resnet += layers as u64 * 3 * boc[level] as u64 * spatial(level);
+            if cross {
+                transformer(&mut census, level, layers);
+            }
+        }
+        Ok(census)
     }
 
     /// Build the model with freshly initialised weights on `device`.

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::Optimizer;
 use burn::record::Recorder;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -58,7 +58,9 @@ impl<B: AutodiffBackend> Trainer<B> {
         // Weights that diverged never replace the last good checkpoint.
         let mut finite = AllFinite(true);
         self.model.visit(&mut finite);
-        self.ema.visit(&mut finite);
+        if let Some(ema) = &self.ema {
+            ema.visit(&mut finite);
+        }
         if !finite.0 {
             return Err(ckpt_err(
                 dir,
@@ -81,8 +83,10 @@ impl<B: AutodiffBackend> Trainer<B> {
             let rec = Rec::new();
             rec.record(self.model.clone().into_record(), tmp.join("model"))
                 .map_err(|e| e.to_string())?;
-            rec.record(self.ema.clone().into_record(), tmp.join("ema"))
-                .map_err(|e| e.to_string())?;
+            if let Some(ema) = &self.ema {
+                rec.record(ema.clone().into_record(), tmp.join("ema"))
+                    .map_err(|e| e.to_string())?;
+            }
             rec.record(self.optim.to_record(), tmp.join("optim"))
                 .map_err(|e| e.to_string())?;
             let state = State {
@@ -143,14 +147,23 @@ impl<B: AutodiffBackend> Trainer<B> {
         let model = rec
             .load(dir.join("model"), &self.device)
             .map_err(|e| ckpt_err(dir, e))?;
-        let ema = rec
-            .load(dir.join("ema"), &self.device)
-            .map_err(|e| ckpt_err(dir, e))?;
+        // A run without an EMA saves none (and one resumed with an EMA starts it afresh).
+        let ema = match &self.ema {
+            Some(_) if dir.join("ema.mpk").is_file() => Some(
+                rec.load(dir.join("ema"), &self.device)
+                    .map_err(|e| ckpt_err(dir, e))?,
+            ),
+            _ => None,
+        };
         let optim = rec
             .load(dir.join("optim"), &self.device)
             .map_err(|e| ckpt_err(dir, e))?;
         self.model = self.model.clone().load_record(model);
-        self.ema = self.ema.clone().load_record(ema);
+        match (self.ema.take(), ema) {
+            (Some(average), Some(record)) => self.ema = Some(average.load_record(record)),
+            (Some(_), None) => self.ema = Some(self.model.valid()),
+            (None, _) => {}
+        }
         self.optim = self.optim.clone().load_record(optim);
         self.step = state.step;
         self.losses = state.losses;

@@ -2,20 +2,23 @@
 
 use std::collections::HashMap;
 
-use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 
 use crate::training::model::TextToImage;
 
-/// Flattened float parameters by id (for the EMA).
-struct Collect<B: Backend>(HashMap<ParamId, Tensor<B, 1>>);
+/// The trainable float parameters by id, flattened (for the EMA). Frozen ones are left out,
+/// so the average keeps their weights bit for bit (and shares their storage).
+struct Trainable<B: AutodiffBackend>(HashMap<ParamId, Tensor<B::InnerBackend, 1>>);
 
-impl<B: Backend> ModuleVisitor<B> for Collect<B> {
+impl<B: AutodiffBackend> ModuleVisitor<B> for Trainable<B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let t = param.val();
-        let n = t.shape().num_elements();
-        self.0.insert(param.id, t.reshape([n]));
+        if t.is_require_grad() {
+            let n = t.shape().num_elements();
+            self.0.insert(param.id, t.inner().reshape([n]));
+        }
     }
 }
 
@@ -45,8 +48,8 @@ pub(super) fn update<B: AutodiffBackend>(
     model: &TextToImage<B>,
     decay: f64,
 ) -> TextToImage<B::InnerBackend> {
-    let mut current = Collect(HashMap::new());
-    model.valid().visit(&mut current);
+    let mut current = Trainable::<B>(HashMap::new());
+    model.visit(&mut current);
     ema.map(&mut Blend {
         current: current.0,
         decay,
