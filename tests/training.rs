@@ -634,17 +634,27 @@ fn sd_recipe_latent_2rf_with_frozen_text_encoder_and_vae_then_l2_and_lpips_disti
     let run = dir.join("2rf");
     let fit = |stage: &str, pairs: &Path, init: &Path, out: &Path, extra: &[&str]| {
         let mut cmd = instaflow();
-        cmd.args([
-            stage, "--steps", "3", "--batch", "2", "--warmup", "1", "--lr", "1e-3",
-        ])
-        .args(["--checkpoint-every", "3"])
-        .arg("--pairs")
-        .arg(pairs)
-        .arg("--init")
-        .arg(init)
-        .arg("--out")
-        .arg(out)
-        .args(extra);
+        let steps: &[&str] = if extra.contains(&"--steps") {
+            &[]
+        } else {
+            &["--steps", "3"]
+        };
+        let lr: &[&str] = if extra.contains(&"--lr") {
+            &[]
+        } else {
+            &["--lr", "1e-3"]
+        };
+        cmd.args([stage, "--batch", "2", "--warmup", "1"])
+            .args(steps)
+            .args(lr)
+            .args(["--checkpoint-every", "3"])
+            .arg("--pairs")
+            .arg(pairs)
+            .arg("--init")
+            .arg(init)
+            .arg("--out")
+            .arg(out)
+            .args(extra);
         cmd.output().unwrap()
     };
     ok(fit("train", &dir.join("pairs"), &sd, &run, &[]));
@@ -735,8 +745,8 @@ fn sd_recipe_latent_2rf_with_frozen_text_encoder_and_vae_then_l2_and_lpips_disti
             "32",
             "--steps",
             "6",
-            "--ema-decay",
-            "0",
+            "--lr",
+            "1e-4",
         ],
     ));
     let l = losses(&stage2);
