@@ -729,6 +729,40 @@ fn sd_recipe_latent_2rf_with_frozen_text_encoder_and_vae_then_l2_and_lpips_disti
     );
     let lpips = dir.join("lpips");
     random_lpips(&lpips);
+    // The same weights as a Hub id, from the hub's cache (offline): the plan reads them; a
+    // repository without the linear heads is refused naming them.
+    let cache = dir.join("hub");
+    for (repo, files) in [
+        ("lpips", &["vgg16.safetensors", "vgg.safetensors"][..]),
+        ("vgg-only", &["vgg16.safetensors"][..]),
+    ] {
+        let repo_dir = cache.join(format!("models--org--{repo}"));
+        let snapshot = repo_dir.join("snapshots/0123abcd");
+        std::fs::create_dir_all(&snapshot).unwrap();
+        std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
+        std::fs::write(repo_dir.join("refs/main"), "0123abcd").unwrap();
+        for f in files {
+            std::fs::copy(lpips.join(f), snapshot.join(f)).unwrap();
+        }
+    }
+    let from_hub = |repo: &str| {
+        instaflow()
+            .args([
+                "distill", "--loss", "lpips", "--plan", "--lpips", repo, "--pairs",
+            ])
+            .arg(dir.join("pairs2"))
+            .arg("--init")
+            .arg(stage1.join("model"))
+            .arg("--out")
+            .arg(dir.join("s2-hub"))
+            .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap()
+    };
+    let plan = ok(from_hub("hf:org/lpips"));
+    assert!(plan.contains("memory plan"), "{plan}");
+    fails(from_hub("hf:org/vgg-only"), "linear-head");
     let stage2 = dir.join("stage2");
     let lp = lpips.to_str().unwrap();
     ok(fit(

@@ -39,7 +39,7 @@ before(async () => {
     "--save-latents", path.join(work, "latents.safetensors"), "--out", path.join(work, "native.png"),
   );
   native = readSafetensors(path.join(work, "latents.safetensors")).values;
-  server = await serve([`/=${PAGE}`, `/instaflow=${path.join(ROOT, "web")}`, `/mini=${MINI}`, `/mini-json=${MINI_JSON}`, `/sd15=${SD15}`, `/org/mini/resolve/main=${MINI}`, `/models=${path.join(ROOT, "models")}`]);
+  server = await serve([`/=${PAGE}`, `/instaflow=${path.join(ROOT, "web")}`, `/mini=${MINI}`, `/mini-json=${MINI_JSON}`, `/sd15=${SD15}`, `/org/mini/resolve/main=${MINI}`, `/models=${path.join(ROOT, "models")}`, `/work=${work}`]);
   gpu = await browser({ webgpu: true });
 });
 
@@ -99,6 +99,35 @@ test("a model with a VAE streams over HTTP ranges in small pieces; latents equal
     // Tensors larger than a piece were split: more pieces than tensors, many requests.
     assert.ok(r.stats.pieces > 300 && r.stats.requests > 50, JSON.stringify(r.stats));
     console.log(`${backend}: max |Δlatents| ${diff.toExponential(2)}, ${r.stats.pieces} pieces in ${r.stats.requests} requests, wasm memory ${(r.wasm / 2 ** 20).toFixed(0)} MiB`);
+  }
+});
+
+test("a model trained from an SD-architecture folder (latent 2-RF, CLIP and VAE frozen) streams and gives the CLI's latents", async () => {
+  const prompts = path.join(work, "prompts.txt");
+  fs.writeFileSync(prompts, `${PROMPT}\na blue car\n`);
+  const pairs = path.join(work, "pairs");
+  const run = path.join(work, "2rf");
+  cli("--backend", "cpu", "reflow", "--model", MINI, "--prompts", prompts, "--pairs", "2", "--solver", "euler:2", "--out", pairs);
+  cli("--backend", "cpu", "train", "--pairs", pairs, "--init", MINI, "--steps", "2", "--batch", "1", "--warmup", "1", "--lr", "1e-3", "--out", run);
+  const model = path.join(run, "model");
+  for (const frozen of ["text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"]) {
+    assert.deepEqual(fs.readFileSync(path.join(model, frozen)), fs.readFileSync(path.join(MINI, frozen)), `${frozen} changed`);
+  }
+  const latents = path.join(work, "2rf-latents.safetensors");
+  cli(
+    "--backend", "cpu", "generate", PROMPT, "--model", model, "--noise", path.join(work, "noise.safetensors"),
+    "--save-latents", latents, "--out", path.join(work, "2rf.png"),
+  );
+  const trained = readSafetensors(latents).values;
+  const moved = maxDiff(trained, native);
+  assert.ok(moved > 1e-3, `training changed the latents by only ${moved}`);
+  const page = await sharedPage();
+  for (const backend of ["webgpu", "cpu"]) {
+    const r = await loadAndGenerate(page, "/work/2rf/model/", { backend, cache: false });
+    assert.equal(r.error, undefined, r.error);
+    const diff = maxDiff(r.latents, trained);
+    assert.ok(diff <= 1e-3, `${backend}: latents differ from the CLI's by ${diff}`);
+    console.log(`trained model, ${backend}: max |Δlatents| ${diff.toExponential(2)} (training moved them by ${moved.toExponential(2)})`);
   }
 });
 

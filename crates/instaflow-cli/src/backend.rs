@@ -49,37 +49,44 @@ impl Selected {
 }
 
 /// Run `$body` with the type alias `$B` bound to the selected backend (wrapped in `Autodiff` when
-/// `autodiff` is given) and `$device` to its device.
+/// `autodiff` is given, with the checkpoint strategy `C` for `autodiff<C>`) and `$device` to its
+/// device.
 #[macro_export]
 macro_rules! with_backend {
+    (autodiff<$C:ty> $sel:expr, $B:ident, $device:ident => $body:expr) => {
+        $crate::with_backend!(@inner $sel, $B, $device, [$C], $body)
+    };
     (autodiff $sel:expr, $B:ident, $device:ident => $body:expr) => {
-        $crate::with_backend!(@inner $sel, $B, $device, autodiff, $body)
+        $crate::with_backend!(
+            @inner $sel, $B, $device,
+            [burn::backend::autodiff::checkpoint::strategy::NoCheckpointing], $body
+        )
     };
     ($sel:expr, $B:ident, $device:ident => $body:expr) => {
-        $crate::with_backend!(@inner $sel, $B, $device, , $body)
+        $crate::with_backend!(@inner $sel, $B, $device, [], $body)
     };
-    (@wrap , $T:ty) => { $T };
-    (@wrap autodiff, $T:ty) => { burn::backend::Autodiff<$T> };
-    (@inner $sel:expr, $B:ident, $device:ident, $($ad:ident)?, $body:expr) => {
+    (@wrap [], $T:ty) => { $T };
+    (@wrap [$C:ty], $T:ty) => { burn::backend::Autodiff<$T, $C> };
+    (@inner $sel:expr, $B:ident, $device:ident, [$($C:ty)?], $body:expr) => {
         match $sel {
             $crate::backend::Selected::Cpu => {
-                type $B = $crate::with_backend!(@wrap $($ad)?, burn::backend::Flex);
+                type $B = $crate::with_backend!(@wrap [$($C)?], burn::backend::Flex);
                 let $device = Default::default();
                 $body
             }
             $crate::backend::Selected::Ndarray => {
-                type $B = $crate::with_backend!(@wrap $($ad)?, burn::backend::NdArray);
+                type $B = $crate::with_backend!(@wrap [$($C)?], burn::backend::NdArray);
                 let $device = burn::backend::ndarray::NdArrayDevice::Cpu;
                 $body
             }
             $crate::backend::Selected::Wgpu(d) => {
-                type $B = $crate::with_backend!(@wrap $($ad)?, burn::backend::Wgpu);
+                type $B = $crate::with_backend!(@wrap [$($C)?], burn::backend::Wgpu);
                 let $device = d.clone();
                 $body
             }
             #[cfg(feature = "cuda")]
             $crate::backend::Selected::Cuda(d) => {
-                type $B = $crate::with_backend!(@wrap $($ad)?, burn::backend::Cuda);
+                type $B = $crate::with_backend!(@wrap [$($C)?], burn::backend::Cuda);
                 let $device = d.clone();
                 $body
             }

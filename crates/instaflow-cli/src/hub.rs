@@ -13,6 +13,7 @@ use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Repo, RepoType};
 use instaflow::sd::source::{ModelSource, hub_cache_dir, hub_snapshot, parse_hub_id};
 use instaflow::sd::weights::{COMPONENTS, weight_files};
+use instaflow::training::lpips::{BACKBONE_FILES, HEAD_FILES, LpipsWeights};
 
 /// The tokenizer files a diffusers `tokenizer/` folder may hold (BPE pair, or one `tokenizer.json`).
 const TOKENIZER_FILES: [&str; 5] = [
@@ -64,6 +65,51 @@ pub fn model_folder(model: &Path, show_progress: bool) -> Result<PathBuf> {
         .with_context(|| format!("--model {text}: downloading from {}", endpoint()))
 }
 
+/// The folder `--lpips` names: a folder on disk, or a Hub id (`hf:ORG/NAME[@REV]`) whose
+/// repository holds the VGG16 backbone and the linear heads at its top level (any of
+/// [`BACKBONE_FILES`] and [`HEAD_FILES`]); read from the hub's cache, the missing ones fetched
+/// as for `--model`.
+pub fn lpips_folder(spec: &Path) -> Result<PathBuf> {
+    if spec.is_dir() {
+        return Ok(spec.to_path_buf());
+    }
+    let text = spec.to_string_lossy();
+    let Some((repo, revision)) = parse_hub_id(&text, true) else {
+        bail!("--lpips {}: no such folder", spec.display());
+    };
+    let cache =
+        hub_cache_dir().context("no Hugging Face cache folder: set HF_HUB_CACHE or HF_HOME")?;
+    let complete = |dir: &Path| LpipsWeights::in_dir(dir).is_ok();
+    let cached = hub_snapshot(&cache, &repo, &revision);
+    match cached {
+        Ok(snapshot) if complete(&snapshot) => return Ok(snapshot),
+        Ok(snapshot) if offline() => {
+            let e = LpipsWeights::in_dir(&snapshot).expect_err("checked above");
+            bail!("--lpips {text}: {e} (HF_HUB_OFFLINE is set, so nothing is downloaded)")
+        }
+        Err(e) if offline() => bail!(
+            "--lpips {text}: {} (HF_HUB_OFFLINE is set, so nothing is downloaded)",
+            e.message
+        ),
+        _ => {}
+    }
+    let api = hub_api(&cache, &repo, &revision, true)?;
+    let mut snapshot = None;
+    for group in [&BACKBONE_FILES[..], &HEAD_FILES[..]] {
+        for file in group {
+            if let Some(path) = fetch(&api, file)? {
+                snapshot = path.parent().map(Path::to_path_buf);
+                break;
+            }
+        }
+    }
+    let snapshot = snapshot.with_context(|| {
+        format!("--lpips {text}: the repository has none of {BACKBONE_FILES:?} and {HEAD_FILES:?}")
+    })?;
+    LpipsWeights::in_dir(&snapshot).with_context(|| format!("--lpips {text}"))?;
+    Ok(snapshot)
+}
+
 fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0")
 }
@@ -103,19 +149,7 @@ fn missing_file(folder: &Path) -> Option<String> {
 
 /// Fetch the files generation reads into the hub cache and return the snapshot folder.
 fn download(cache: &Path, repo: &str, revision: &str, show_progress: bool) -> Result<PathBuf> {
-    // hf-hub links snapshots to blobs by relative paths computed from absolute ones.
-    let cache = std::path::absolute(cache)?;
-    let api = ApiBuilder::from_env()
-        .with_cache_dir(cache)
-        .with_endpoint(endpoint())
-        .with_token(std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()))
-        .with_progress(show_progress)
-        .build()?;
-    let api = api.repo(Repo::with_revision(
-        repo.to_string(),
-        RepoType::Model,
-        revision.to_string(),
-    ));
+    let api = hub_api(cache, repo, revision, show_progress)?;
     let index = fetch(&api, "model_index.json")?.with_context(|| {
         format!("{repo}@{revision} has no model_index.json: is it a diffusers model?")
     })?;
@@ -141,6 +175,23 @@ fn download(cache: &Path, repo: &str, revision: &str, show_progress: bool) -> Re
         bail!("{repo}@{revision} has no {file}");
     }
     Ok(snapshot)
+}
+
+/// A client for `repo` at `revision`, caching into `cache`.
+fn hub_api(cache: &Path, repo: &str, revision: &str, show_progress: bool) -> Result<ApiRepo> {
+    // hf-hub links snapshots to blobs by relative paths computed from absolute ones.
+    let cache = std::path::absolute(cache)?;
+    let api = ApiBuilder::from_env()
+        .with_cache_dir(cache)
+        .with_endpoint(endpoint())
+        .with_token(std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()))
+        .with_progress(show_progress)
+        .build()?;
+    Ok(api.repo(Repo::with_revision(
+        repo.to_string(),
+        RepoType::Model,
+        revision.to_string(),
+    )))
 }
 
 /// `<stem>.safetensors`, or the shards its index lists, for the first stem the repository has.

@@ -6,6 +6,9 @@ use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
+use burn::backend::autodiff::checkpoint::strategy::{
+    BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
+};
 use burn::backend::{Autodiff, Flex, Wgpu};
 use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
@@ -67,13 +70,20 @@ pub struct TrainArgs {
     loss: LossArg,
     /// LPIPS weights for --loss lpips|lpips-huber: a folder with torchvision's VGG16
     /// (`vgg16-397923af.pth`, or `vgg16.safetensors`) and the lpips package's linear heads
-    /// (`vgg.pth` from lpips/weights/v0.1/, or `vgg.safetensors`). Nothing is downloaded.
-    #[arg(long, value_name = "DIR")]
+    /// (`vgg.pth` from lpips/weights/v0.1/, or `vgg.safetensors`); or `hf:ORG/NAME` of a Hub
+    /// repository holding them at its top level (read from the hub's cache, fetched if missing).
+    #[arg(long, value_name = "DIR|hf:ID")]
     lpips: Option<PathBuf>,
     /// Resize the decoded images to SIZE×SIZE before LPIPS (e.g. 224, the size LPIPS was
     /// trained at; smaller is cheaper).
     #[arg(long, value_name = "SIZE")]
     loss_size: Option<usize>,
+    /// Gradient checkpointing: the backward pass recomputes the outputs of cheap, memory-bound
+    /// operations (normalisations, activations, softmax, additions) instead of keeping them
+    /// from the forward pass (burn's `BalancedCheckpointing`). Less activation memory for some
+    /// more compute; the same gradients.
+    #[arg(long)]
+    checkpointing: bool,
     /// Print the memory plan per device (weights, gradients, AdamW state, EMA, frozen parts,
     /// activations; the batch per 24/40/80 GB device) and exit without training.
     #[arg(long)]
@@ -243,8 +253,8 @@ fn check(args: &TrainArgs, stage: Stage) -> Result<()> {
     );
     if loss.perceptual() && args.lpips.is_none() {
         bail!(
-            "--loss {} needs LPIPS weights: --lpips DIR with torchvision's vgg16-397923af.pth and \
-             the lpips package's vgg.pth (they cannot be downloaded at run time)",
+            "--loss {} needs LPIPS weights: --lpips DIR (torchvision's vgg16-397923af.pth and the \
+             lpips package's vgg.pth) or --lpips hf:ORG/NAME of a Hub repository holding them",
             args.loss
                 .to_possible_value()
                 .map_or("lpips".into(), |v| v.get_name().to_string())
@@ -340,27 +350,45 @@ pub fn run(choice: BackendChoice, args: TrainArgs, distill: bool) -> Result<()> 
             name(choice).unwrap_or_default()
         );
         crate::note!("data parallel: {} workers ({spec})", list.len());
-        return match list {
-            DeviceList::Cpu(n) => {
-                train::<Autodiff<Flex>>(&args, stage, data, vec![Default::default(); n])
-            }
-            DeviceList::Wgpu(ids) => {
-                train::<Autodiff<Wgpu>>(&args, stage, data, wgpu_devices(&ids)?)
-            }
-            #[cfg(feature = "cuda")]
-            DeviceList::Cuda(ids) => {
-                train::<Autodiff<burn::backend::Cuda>>(&args, stage, data, cuda_devices(&ids)?)
-            }
-            #[cfg(not(feature = "cuda"))]
-            DeviceList::Cuda(_) => bail!(
-                "--devices cuda:…: this binary was built without the `cuda` feature: rebuild it with \
-                 `cargo build --release -p instaflow-cli --features cuda`"
-            ),
+        return match args.checkpointing {
+            true => on_devices::<BalancedCheckpointing>(list, &args, stage, data),
+            false => on_devices::<NoCheckpointing>(list, &args, stage, data),
         };
     }
     let selected = resolve(choice)?;
     crate::note!("backend: {}", selected.name());
-    with_backend!(autodiff &selected, B, device => train::<B>(&args, stage, data, vec![device]))
+    match args.checkpointing {
+        true => with_backend!(autodiff<BalancedCheckpointing> &selected, B, device => {
+            train::<B>(&args, stage, data, vec![device])
+        }),
+        false => with_backend!(autodiff &selected, B, device => {
+            train::<B>(&args, stage, data, vec![device])
+        }),
+    }
+}
+
+/// Train data-parallel on the devices of `list`, with the checkpoint strategy `C`.
+fn on_devices<C: CheckpointStrategy>(
+    list: DeviceList,
+    args: &TrainArgs,
+    stage: Stage,
+    data: TrainData,
+) -> Result<()> {
+    match list {
+        DeviceList::Cpu(n) => {
+            train::<Autodiff<Flex, C>>(args, stage, data, vec![Default::default(); n])
+        }
+        DeviceList::Wgpu(ids) => train::<Autodiff<Wgpu, C>>(args, stage, data, wgpu_devices(&ids)?),
+        #[cfg(feature = "cuda")]
+        DeviceList::Cuda(ids) => {
+            train::<Autodiff<burn::backend::Cuda, C>>(args, stage, data, cuda_devices(&ids)?)
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceList::Cuda(_) => bail!(
+            "--devices cuda:…: this binary was built without the `cuda` feature: rebuild it with \
+             `cargo build --release -p instaflow-cli --features cuda`"
+        ),
+    }
 }
 
 /// Train on `devices`, one worker each. The first worker runs on this thread and reports, writes
@@ -436,9 +464,10 @@ fn train<B: AutodiffBackend>(
         grad_accum: args.grad_accum,
         train_text_encoder: !latent || args.train_text_encoder,
         loss: args.loss.into(),
+        checkpointing: args.checkpointing,
     };
     let lpips = match &args.lpips {
-        Some(dir) => Some(LpipsWeights::in_dir(dir)?),
+        Some(spec) => Some(LpipsWeights::in_dir(&crate::hub::lpips_folder(spec)?)?),
         None => None,
     };
     let (loss_size, vae_source) = (args.loss_size, tokenizer_source.clone());

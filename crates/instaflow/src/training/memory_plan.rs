@@ -51,7 +51,9 @@ pub struct TrainMemoryPlan {
     pub trainable_params: u64,
     /// Parameters that stay frozen (text encoder unless trained, the VAE of a perceptual loss).
     pub frozen_params: u64,
-    /// Every weight, f32.
+    /// Of the frozen ones, those stored in a half type (2 bytes a value).
+    pub half_frozen_params: u64,
+    /// Every weight (f32, or half for [`TrainMemoryPlan::half_frozen_params`]).
     pub weights: u64,
     /// Gradients of the trainable weights.
     pub gradients: u64,
@@ -114,9 +116,13 @@ impl TrainMemoryPlan {
         vec![
             (
                 format!(
-                    "weights ({} trainable + {} frozen parameters, f32)",
+                    "weights ({} trainable + {} frozen parameters, f32{})",
                     millions(self.trainable_params),
-                    millions(self.frozen_params)
+                    millions(self.frozen_params),
+                    match self.half_frozen_params {
+                        0 => String::new(),
+                        n => format!("; {} frozen stored in half", millions(n)),
+                    }
                 ),
                 self.weights,
             ),
@@ -179,6 +185,12 @@ pub fn plan(
         true => (unet + text, vae),
         false => (unet, text + vae),
     };
+    // A frozen text encoder is stored in the half type of half-precision passes (the VAE of a
+    // perceptual loss decodes f32 predictions, so it stays f32).
+    let half_frozen = match (config.train_text_encoder, config.precision.half()) {
+        (false, Some(_)) => text,
+        _ => 0,
+    };
     let [_, h, w] = sample;
     let census: ActivationCensus = unet_cfg
         .activation_census(h, w, MAX_LENGTH)
@@ -208,7 +220,8 @@ pub fn plan(
     Ok(TrainMemoryPlan {
         trainable_params: trainable,
         frozen_params: frozen,
-        weights: (trainable + frozen) * f32_bytes,
+        weights: (trainable + frozen) * f32_bytes - half_frozen * 2,
+        half_frozen_params: half_frozen,
         gradients: trainable * f32_bytes,
         optimizer: 2 * trainable * f32_bytes,
         ema,
@@ -258,6 +271,13 @@ mod tests {
         assert!(p.total() >= p.fixed() + p.activations);
         assert!(p.total() >= p.fixed() + p.gradients);
         assert!(p.total() >= p.fixed() + p.export);
+        // bf16 passes store the frozen text encoder in bf16.
+        let bf16 = TrainConfig {
+            precision: crate::training::precision::Precision::Bf16,
+            ..frozen_text.clone()
+        };
+        let half = plan(&spec, [4, 64, 64], 1, &bf16, None).unwrap();
+        assert_eq!(half.weights, p.weights - 2 * 123_060_480);
         for rows in [1, 3] {
             let plan = plan(&spec, [4, 64, 64], rows, &frozen_text, None).unwrap();
             assert_eq!(p.max_micro_batch(plan.total()), rows as u64);

@@ -94,6 +94,17 @@ impl<B: Backend, const D: usize, M: VelocityField<B, D>> VelocityField<B, D> for
     }
 }
 
+/// `module` frozen (no gradients), its parameters stored in `precision`'s half type (as they
+/// are for f32): the half-precision passes cast every parameter to that type anyway, so storing
+/// a frozen part cast once halves its memory and changes no result.
+pub fn frozen<B: Backend, M: Module<B>>(module: M, precision: Precision) -> M {
+    let module = module.no_grad();
+    match precision.half() {
+        Some(half) => module.map(&mut CastParams(half)).no_grad(),
+        None => module,
+    }
+}
+
 /// Casts every float parameter (a tracked op: it has a backward).
 struct CastParams(FloatDType);
 

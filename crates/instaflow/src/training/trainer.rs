@@ -10,7 +10,7 @@ mod ema;
 
 pub use checkpoint::checkpoint_to_resume;
 
-use burn::module::{AutodiffModule, Module};
+use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -102,6 +102,12 @@ pub struct TrainConfig {
     /// The distillation loss (distillation only).
     #[serde(default)]
     pub loss: DistillLoss,
+    /// Gradient checkpointing: the backward pass recomputes memory-bound activations instead
+    /// of keeping them (less memory, more compute; the same gradients). The trainer is generic
+    /// over autodiff's checkpoint strategy, so the caller picks the backend from this; the
+    /// memory plan reads it.
+    #[serde(default)]
+    pub checkpointing: bool,
 }
 
 fn one() -> usize {
@@ -128,6 +134,7 @@ impl Default for TrainConfig {
             grad_accum: 1,
             train_text_encoder: true,
             loss: DistillLoss::L2,
+            checkpointing: false,
         }
     }
 }
@@ -243,14 +250,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         if config.grad_accum == 0 {
             return Err("grad_accum must be at least 1".into());
         }
-        let model = match config.train_text_encoder {
-            true => model,
-            // Frozen parameters get no gradients, hence no optimizer state and no EMA copy.
-            false => TextToImage {
-                text_encoder: model.text_encoder.no_grad(),
-                unet: model.unet,
-            },
-        };
+        let model = freeze(model, &config);
         Ok(Self {
             ema: (config.ema_decay > 0.0).then(|| model.valid()),
             model,
@@ -555,6 +555,18 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 }
 
+/// `model` with its text encoder frozen unless `config` trains it: no gradients, hence no
+/// optimizer state and no EMA copy, and stored in the half type of `--precision bf16|f16`.
+fn freeze<B: AutodiffBackend>(model: TextToImage<B>, config: &TrainConfig) -> TextToImage<B> {
+    match config.train_text_encoder {
+        true => model,
+        false => TextToImage {
+            text_encoder: crate::training::precision::frozen(model.text_encoder, config.precision),
+            unet: model.unet,
+        },
+    }
+}
+
 /// What one step drew: example indices, captions (after dropout), noise (image data only) and
 /// flow times (not for distillation), for every row of the step.
 struct Draws {
@@ -575,6 +587,9 @@ mod tests {
     use crate::test_util::{TB, device, to_vec};
     use crate::training::model::{Export, ModelSpec, save_model};
     use burn::backend::Autodiff;
+    use burn::backend::autodiff::checkpoint::strategy::{
+        BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
+    };
     use burn::module::{Module, ModuleVisitor, Param};
     use std::path::Path;
 
@@ -591,9 +606,18 @@ mod tests {
     }
 
     fn trainer(stage: Stage, steps: usize, lr: f64) -> Trainer<AD> {
+        trainer_on::<NoCheckpointing>(stage, steps, lr)
+    }
+
+    /// [`trainer`] on any autodiff wrapper of the test backend (the same weights on each).
+    fn trainer_on<C: CheckpointStrategy>(
+        stage: Stage,
+        steps: usize,
+        lr: f64,
+    ) -> Trainer<Autodiff<TB, C>> {
         <TB as Backend>::seed(&device(), 7);
         let spec = ModelSpec::preset("tiny", 1, 8).unwrap();
-        let model = spec.init::<AD>(&device()).unwrap();
+        let model = spec.init::<Autodiff<TB, C>>(&device()).unwrap();
         let cfg = TrainConfig {
             steps,
             batch: 16,
@@ -634,10 +658,13 @@ mod tests {
     }
 
     /// Every gradient of `grads`, in the model's parameter order.
-    fn gradient_values(model: &TextToImage<AD>, grads: &GradientsParams) -> Vec<Vec<f32>> {
+    fn gradient_values<A: AutodiffBackend<InnerBackend = TB>>(
+        model: &TextToImage<A>,
+        grads: &GradientsParams,
+    ) -> Vec<Vec<f32>> {
         struct Values<'a>(&'a GradientsParams, Vec<Vec<f32>>);
-        impl ModuleVisitor<AD> for Values<'_> {
-            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<AD, D>>) {
+        impl<A: AutodiffBackend<InnerBackend = TB>> ModuleVisitor<A> for Values<'_> {
+            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<A, D>>) {
                 if let Some(g) = self.0.get::<TB, D>(p.id) {
                     self.1.push(to_vec(g));
                 }
@@ -679,6 +706,50 @@ mod tests {
     }
 
     #[test]
+    fn checkpointing_gives_the_gradients_of_storing_every_activation() {
+        // Recomputing the memory-bound operations in the backward pass (what `--checkpointing`
+        // selects) must not change a single gradient beyond rounding, with the text encoder
+        // trained and frozen.
+        let images = TrainData::Images(fixture());
+        let stage = Stage::Flow;
+        for train_text_encoder in [true, false] {
+            let stored = {
+                let mut t = trainer_on::<NoCheckpointing>(stage, 1, 1e-3);
+                t.config.train_text_encoder = train_text_encoder;
+                let t = Trainer::new(t.model, t.config, stage, tokenizer(), &device()).unwrap();
+                let mut rng = ChaCha8Rng::seed_from_u64(t.config.seed);
+                let (loss, grads) = t.step_gradients(&images, &mut rng).unwrap();
+                (loss, gradient_values(&t.model, &grads))
+            };
+            let recomputed = {
+                let mut t = trainer_on::<BalancedCheckpointing>(stage, 1, 1e-3);
+                t.config.train_text_encoder = train_text_encoder;
+                let t = Trainer::new(t.model, t.config, stage, tokenizer(), &device()).unwrap();
+                let mut rng = ChaCha8Rng::seed_from_u64(t.config.seed);
+                let (loss, grads) = t.step_gradients(&images, &mut rng).unwrap();
+                (loss, gradient_values(&t.model, &grads))
+            };
+            assert!(
+                (stored.0 - recomputed.0).abs() < 1e-6,
+                "{} vs {}",
+                stored.0,
+                recomputed.0
+            );
+            assert_eq!(stored.1.len(), recomputed.1.len());
+            let (mut worst, mut largest) = (0f32, 0f32);
+            for (x, y) in stored.1.iter().zip(&recomputed.1) {
+                worst = worst.max(crate::test_util::max_abs_diff(x, y));
+                largest = largest.max(x.iter().fold(0f32, |m, v| m.max(v.abs())));
+            }
+            assert!(largest > 1e-3, "gradients are all ~0 ({largest})");
+            assert!(
+                worst < 1e-5,
+                "max gradient difference {worst} (largest {largest})"
+            );
+        }
+    }
+
+    #[test]
     fn a_frozen_text_encoder_gets_no_gradients_and_keeps_its_weights() {
         let data = TrainData::Images(fixture());
         let mut t = trainer(Stage::Flow, 3, 3e-3);
@@ -706,6 +777,64 @@ mod tests {
         // The text encoder's parameters come first: bit for bit the same, in the EMA too.
         assert_eq!(after[..n_text], text_before[..n_text]);
         assert_ne!(after[n_text..], text_before[n_text..], "the UNet trained");
+    }
+
+    #[test]
+    fn a_frozen_text_encoder_is_stored_in_the_half_type_and_changes_no_result() {
+        let data = TrainData::Images(fixture());
+        let t = trainer(Stage::Flow, 2, 3e-3);
+        let config = TrainConfig {
+            train_text_encoder: false,
+            precision: Precision::Bf16,
+            batch: 4,
+            ..t.config.clone()
+        };
+        let as_loaded = t.model.text_encoder.clone().no_grad();
+        let new = |model| Trainer::new(model, config.clone(), Stage::Flow, tokenizer(), &device());
+        let mut stored = new(t.model.clone()).unwrap();
+        // The reference: f32 storage, cast to bf16 by every pass.
+        let mut cast = new(t.model).unwrap();
+        cast.model.text_encoder = as_loaded;
+        struct DTypes(Vec<burn::tensor::DType>);
+        impl<B: Backend> ModuleVisitor<B> for DTypes {
+            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+                self.0.push(p.val().dtype());
+            }
+        }
+        let dtypes = |m: &TextToImage<AD>| {
+            let (mut text, mut unet) = (DTypes(Vec::new()), DTypes(Vec::new()));
+            m.text_encoder.visit(&mut text);
+            m.unet.visit(&mut unet);
+            (text.0, unet.0)
+        };
+        let (text, unet) = dtypes(&stored.model);
+        assert!(
+            text.iter().all(|d| *d == burn::tensor::DType::BF16),
+            "{text:?}"
+        );
+        assert!(
+            unet.iter().all(|d| *d == burn::tensor::DType::F32),
+            "{unet:?}"
+        );
+        assert!(
+            dtypes(&cast.model)
+                .0
+                .iter()
+                .all(|d| *d == burn::tensor::DType::F32)
+        );
+        for _ in 0..2 {
+            let (a, b) = (stored.train_step(&data), cast.train_step(&data));
+            assert_eq!(a.unwrap(), b.unwrap());
+        }
+        // The UNets (beside one text encoder, for the helper's sake) trained the same.
+        let text = cast.model.text_encoder.valid();
+        let unet_sums = |t: &Trainer<AD>| {
+            param_sums(&TextToImage {
+                text_encoder: text.clone(),
+                unet: t.model.unet.valid(),
+            })
+        };
+        assert_eq!(unet_sums(&stored), unet_sums(&cast));
     }
 
     #[test]

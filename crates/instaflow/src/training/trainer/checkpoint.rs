@@ -167,14 +167,21 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.optim = self.optim.clone().load_record(optim);
         self.step = state.step;
         self.losses = state.losses;
-        // Only the length and the precision may change on resume.
+        // Only the length, the precision and checkpointing may change on resume.
         let (steps, precision) = (self.config.steps, self.config.precision);
         self.config = TrainConfig {
             steps,
             precision,
+            checkpointing: self.config.checkpointing,
             ..state.config
         };
         self.loss_scaler = state.loss_scaler.unwrap_or_default();
+        // The record holds f32 values: store a frozen text encoder as a fresh run does, once,
+        // shared with the EMA (which never changes it).
+        self.model = super::freeze(self.model.clone(), &self.config);
+        if let (Some(ema), false) = (&mut self.ema, self.config.train_text_encoder) {
+            ema.text_encoder = self.model.text_encoder.valid();
+        }
         Ok(())
     }
 }
